@@ -1,0 +1,50 @@
+"""The small surface through which samplers drive a causal LM with a KV cache.
+
+Any HF causal LM and the QLLM byte model both satisfy it: ``model(input_ids=..., attention_mask=...,
+position_ids=..., past_key_values=..., use_cache=True)`` returns an object with ``.logits`` [B, T, V] and
+``.past_key_values``, a cache with ``get_seq_length()``, ``crop(n)``, ``batch_select_indices(idx)`` and
+``reorder_cache(idx)`` (HF's ``DynamicCache`` names). Positions come from the attention mask so that
+left-padded rows count positions from their first real token, as HF ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] for a left-padded mask: 0 at each row's first real token, padding clamped to 0."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def context_limit(model: torch.nn.Module) -> int | None:
+    """The model's maximum context length, if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_logits(logits: torch.Tensor, where: str = "logits") -> None:
+    """Raise ValueError on NaN or on a row with no finite value (nothing could be sampled from it)."""
+    if torch.isnan(logits).any():
+        raise ValueError(f"{where}: NaN in the model's logits; cannot sample")
+    if not torch.isfinite(logits).any(dim=-1).all():
+        raise ValueError(f"{where}: a row has no finite logit (every token is -inf or +inf)")
+
+
+@torch.no_grad()
+def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 past_key_values=None):
+    """Run ``input_ids`` (the new tokens, [B, T_new]) through the model on top of ``past_key_values``.
+
+    ``attention_mask`` covers the cached tokens and the new ones ([B, T_cached + T_new]). Returns the logits
+    of the new positions in float32 ([B, T_new, V]) and the updated cache.
+    """
+    new = input_ids.shape[1]
+    position_ids = positions_from_mask(attention_mask)[:, -new:]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=True)
+    return out.logits.float(), out.past_key_values
