@@ -1,0 +1,552 @@
+"""Power sampling: Metropolis-Hastings over whole continuations with target p(x)^alpha.
+
+Karan & Du, "Reasoning with Sampling: Your Base Model is Smarter Than You Think" (arXiv 2510.14901),
+Algorithm 1. The continuation grows in blocks; after each block, ``mcmc_steps`` MH moves each cut the state at a
+uniform position of its generated part, resample the suffix from a proposal q (the base model at temperature
+1/alpha, optionally truncated) and accept with
+
+    log r = alpha*[log p(y) - log p(x_suffix)] + [log q(x_suffix) - log q(y)] + log n - log n',
+
+where n and n' are the lengths of the current and proposed states (the probability of drawing the same cut from
+either side). The target is p^alpha over *whole* continuations of the current budget: EOS-terminated, or cut at
+the budget. docs/power.md derives this and lists where the official code differs.
+
+How it stays fast (every row is an independent chain):
+
+- One batched KV cache holds, per row, the prompt, the current state and the proposal being generated. A row's
+  attention mask selects the entries that are its context; entries that stop being needed (a rejected proposal,
+  the replaced suffix of an accepted one) become holes, exactly like left padding in the middle. Positions come
+  from the mask (cumsum), so a kept prefix is never recomputed, whatever the row's cut point.
+- Rows are not synchronised: every model call feeds exactly one token per row, and a row that finishes a move
+  starts its next one on the next call (re-feeding the token before its cut to get the proposal's first
+  distribution). No row waits for the slowest proposal in the batch.
+- Per-token log p and log q of the current state are kept, so the current suffix is never re-run.
+- Exact early rejection: for the temperature-1/alpha proposal (or a truncation of it), each proposal token adds
+  alpha*log p - log q = (alpha - beta)*log p + log sum_S p^beta <= 0 to log r, so once the running sum plus
+  the largest possible length term is below log u, the move is rejected without generating the rest.
+- Holes are squeezed out now and then: by gathering the cache tensors (HF ``DynamicCache``), or for any other
+  cache by cropping to the prompt and re-running the kept tokens in two batched calls.
+
+Randomness comes from ``RowRNG``: each call draws the same number of values for every row, and a row's
+trajectory depends only on its own draws, so a chain's result does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .lm import check_logits, context_limit, forward_step
+from .rng import GeneratorLike, RowRNG
+
+# Warpers that only remove tokens from the (temperature-scaled) distribution: q stays p^beta renormalised on a
+# subset, which keeps the early-rejection bound valid. Matched by class name so that both ours and HF's count.
+_TRUNCATING_WARPERS = {"TopK", "TopP", "MinP", "Typical", "TopKLogitsWarper", "TopPLogitsWarper",
+                       "MinPLogitsWarper", "TypicalLogitsWarper"}
+# Warpers that ignore input_ids (no need to build the per-row context tensor for them).
+_CONTEXT_FREE_WARPERS = _TRUNCATING_WARPERS | {"Temperature", "TemperatureLogitsWarper"}
+# float32 log-softmax can put a near-certain token's log p a hair above 0: slack per remaining token in the bound.
+_BOUND_SLACK = 1e-4
+
+
+@dataclass
+class PowerSampleOutput:
+    """Result of ``PowerSampler.generate``: one independent chain per row."""
+
+    sequences: torch.Tensor  # [B, P + N]: prompt, then the continuation, padded after a row's EOS
+    lengths: torch.Tensor  # [B] new tokens per row, EOS included
+    log_p: torch.Tensor  # [B] float64: log p(continuation) under the base model
+    log_q: torch.Tensor  # [B] float64: log q(continuation) under the proposal, token by token in context
+    token_logprobs: torch.Tensor  # [B, N] per-token log p (0 after the end)
+    proposed: torch.Tensor  # [B] MH moves attempted
+    accepted: torch.Tensor  # [B] MH moves accepted
+    early_rejected: torch.Tensor  # [B] moves rejected before the proposal was complete
+    forward_tokens: torch.Tensor  # [B] token positions this row ran through the model (prompt included)
+    batch_forward_tokens: int  # positions run for the whole batch, padding and idle rows included
+    model_calls: int
+    prompt_length: int
+    seconds: float
+    alpha: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def acceptance_rate(self) -> torch.Tensor:
+        """[B] accepted / proposed (NaN for a row that made no MH move)."""
+        return self.accepted.double() / self.proposed.double()
+
+    @property
+    def log_target(self) -> torch.Tensor:
+        """[B] alpha * log p: the unnormalised log target of each result."""
+        return self.alpha * self.log_p
+
+
+class _Chain:
+    """One row's MH chain: the current state, the move in progress and its counters (plain Python lists)."""
+
+    def __init__(self, row: int, prompt_token: int, first_budget: int, mcmc_steps: int, alpha: float):
+        self.row, self.alpha = row, alpha
+        self.prompt_token = prompt_token  # last prompt token: re-fed when a move cuts at position 0
+        self.tokens: list[int] = []
+        self.logp: list[float] = []
+        self.logq: list[float] = []
+        self.weight: list[float] = []  # alpha*logp - logq per token
+        self.loc: list[int] = []  # cache column of each state token (-1: not in the cache)
+        self.finished = False  # the state ends with EOS
+        self.done = False
+        self.block, self.budget, self.steps_left = 0, first_budget, mcmc_steps
+        self.proposed = self.accepted = self.early_rejected = 0
+        self.forward_tokens = 0
+        # the move in progress
+        self.is_mh = False
+        self.cut = 0
+        self.log_u = 0.0
+        self.current_weight = 0.0  # sum of weight over the current suffix tokens[cut:]
+        self.refeed_loc = -1
+        self.new_tokens: list[int] = []
+        self.new_logp: list[float] = []
+        self.new_logq: list[float] = []
+        self.new_loc: list[int] = []
+        self.new_weight = 0.0
+        self.new_finished = False
+
+    def begin_move(self, is_mh: bool, cut: int, log_u: float) -> None:
+        self.is_mh, self.cut, self.log_u = is_mh, cut, log_u
+        self.current_weight = math.fsum(self.weight[cut:])
+        self.refeed_loc = -1
+        self.new_tokens, self.new_logp, self.new_logq, self.new_loc = [], [], [], []
+        self.new_weight = 0.0
+        self.new_finished = False
+
+    def refeed_token(self) -> int:
+        return self.prompt_token if self.cut == 0 else self.tokens[self.cut - 1]
+
+    def log_ratio(self) -> float:
+        n, n_new = len(self.tokens), self.cut + len(self.new_tokens)
+        return self.new_weight - self.current_weight + math.log(n) - math.log(n_new)
+
+    def rejection_bound(self) -> float:
+        """An upper bound on log r whatever the rest of the proposal is (valid when every weight is <= 0)."""
+        n, generated = len(self.tokens), self.cut + len(self.new_tokens)
+        return (self.new_weight - self.current_weight + math.log(n) - math.log(generated + 1)
+                + _BOUND_SLACK * (self.budget - generated))
+
+    def commit(self) -> None:
+        """Replace the suffix from the cut with the proposal (always done for a block extension)."""
+        c = self.cut
+        if c >= 1:
+            # The re-fed copy of token c-1 saw exactly tokens[:c-1]: a valid entry for it in the new state.
+            self.loc[c - 1] = self.refeed_loc
+        self.tokens = self.tokens[:c] + self.new_tokens
+        self.logp = self.logp[:c] + self.new_logp
+        self.logq = self.logq[:c] + self.new_logq
+        self.weight = self.weight[:c] + [self.alpha * lp - lq for lp, lq in zip(self.new_logp, self.new_logq)]
+        # every proposal token but the last was fed back, so it has a cache entry
+        self.loc = self.loc[:c] + self.new_loc + [-1] * (len(self.new_tokens) - len(self.new_loc))
+        self.finished = self.new_finished
+
+
+class PowerSampler:
+    """Exact Metropolis-Hastings sampler for p(x)^alpha over whole continuations (see module docstring).
+
+    ``block_size`` (or, when None, ``ceil(max_new_tokens / num_blocks)``) sets how much the continuation grows
+    between rounds of ``mcmc_steps`` MH moves; the last block may be shorter. ``proposal_temperature`` defaults
+    to 1/alpha. ``proposal_warpers`` (HF-style ``(input_ids, scores) -> scores`` callables, applied after the
+    temperature) shape q; the ratio always uses the warped q, so the chain stays exact for the target restricted
+    to sequences the warped proposal can produce (a truncation such as top-k changes that support; see
+    docs/power.md). ``early_rejection`` (None: on whenever the bound is valid) stops a proposal as soon as it
+    can no longer be accepted. ``stop_at_eos=True`` reproduces the official code's early exit (a chain stops
+    after the block in which its state reached EOS); it is not exact for the full-budget target.
+    """
+
+    def __init__(self, alpha: float = 4.0, mcmc_steps: int = 10, block_size: int | None = None,
+                 num_blocks: int = 16, proposal_temperature: float | None = None,
+                 proposal_warpers: Callable | Sequence[Callable] = (), early_rejection: bool | None = None,
+                 stop_at_eos: bool = False, pad_token_id: int | None = None, compaction: str = "auto"):
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if not isinstance(mcmc_steps, int) or mcmc_steps < 0:
+            raise ValueError(f"mcmc_steps must be an integer >= 0, got {mcmc_steps!r}")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be an integer >= 1 (or None), got {block_size!r}")
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if proposal_temperature is None:
+            proposal_temperature = 1.0 / alpha
+        if not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
+            raise ValueError(f"proposal_temperature must be a finite number > 0 (None: 1/alpha), "
+                             f"got {proposal_temperature!r}")
+        if compaction not in ("auto", "gather", "prefill"):
+            raise ValueError(f"compaction must be 'auto', 'gather' or 'prefill', got {compaction!r}")
+        warpers = [proposal_warpers] if callable(proposal_warpers) else list(proposal_warpers)
+        beta = 1.0 / proposal_temperature
+        bound_valid = (1.0 - 1e-9 <= beta <= alpha * (1 + 1e-9)
+                       and all(type(w).__name__ in _TRUNCATING_WARPERS for w in warpers))
+        if early_rejection and not bound_valid:
+            raise ValueError(
+                "early_rejection=True needs 1 <= 1/proposal_temperature <= alpha and only truncating proposal "
+                f"warpers (top-k/top-p/min-p/typical); got alpha={alpha}, proposal_temperature="
+                f"{proposal_temperature}, warpers={[type(w).__name__ for w in warpers]}. Use None or False"
+            )
+        self.alpha = float(alpha)
+        self.mcmc_steps = mcmc_steps
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.proposal_temperature = float(proposal_temperature)
+        self.proposal_warpers = warpers
+        self.early_rejection = bound_valid if early_rejection is None else bool(early_rejection)
+        self.stop_at_eos = stop_at_eos
+        self.pad_token_id = pad_token_id
+        self.compaction = compaction
+
+    def budgets(self, max_new_tokens: int) -> list[int]:
+        """The length budget of each block: block_size, 2*block_size, ..., max_new_tokens."""
+        size = self.block_size or -(-max_new_tokens // self.num_blocks)
+        return [min(k * size, max_new_tokens) for k in range(1, -(-max_new_tokens // size) + 1)]
+
+    def proposal_scores(self, scores: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the proposal q from the base model's raw logits."""
+        scores = scores / self.proposal_temperature
+        for warper in self.proposal_warpers:
+            scores = warper(input_ids, scores)
+        return scores
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 generator: GeneratorLike = None) -> PowerSampleOutput:
+        """Run one chain per row of (left-padded) ``input_ids`` and return the final states.
+
+        ``generator`` seeds the per-row streams (``RowRNG.from_generator``; per-row seeds make each chain
+        independent of its batch-mates). ``eos_token_id=None``: continuations always run to the budget.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        batch, prompt_length = input_ids.shape
+        limit = context_limit(model)
+        if limit is not None and prompt_length + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds the model's context "
+                f"limit of {limit} positions; shorten the prompt or lower max_new_tokens (no silent truncation)"
+            )
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask: prompts must be left padded (every row's last position is a token)")
+        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int)
+                                                   else set(eos_token_id))
+        pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
+        rng = RowRNG.from_generator(generator, batch, device)
+        start = time.perf_counter()
+        run = _Run(self, model, input_ids, attention_mask, max_new_tokens, eos, pad, rng)
+        run.loop()
+        return run.output(time.perf_counter() - start)
+
+
+class _Run:
+    """The state of one ``generate`` call: the batched cache, the per-row context masks and the chains."""
+
+    def __init__(self, sampler: PowerSampler, model, input_ids, attention_mask, max_new_tokens, eos, pad, rng):
+        self.sampler, self.model, self.eos, self.pad, self.rng = sampler, model, eos, pad, rng
+        self.input_ids, self.device = input_ids, input_ids.device
+        self.batch, self.prompt_length = input_ids.shape
+        self.budgets = sampler.budgets(max_new_tokens)
+        self.max_new_tokens = max_new_tokens
+        self.prompt_mask = attention_mask.bool().cpu().numpy()
+        self.prompt_real = [int(x) for x in self.prompt_mask.sum(axis=1)]
+        # Compact when the cache has this many columns past the prompt (holes included).
+        self.compact_at = 4 * max_new_tokens + 16
+        self.ctx = np.zeros((self.batch, self.prompt_length + self.compact_at + 2), dtype=bool)
+        self.ctx[:, :self.prompt_length] = self.prompt_mask
+        self.width = self.prompt_length  # cache columns
+        self.calls = 0
+        self.batch_forward_tokens = 0
+        self.compactions = 0
+        self.needs_context = any(type(w).__name__ not in _CONTEXT_FREE_WARPERS for w in sampler.proposal_warpers)
+        prompt_last = input_ids[:, -1].tolist()
+        self.chains = [_Chain(b, prompt_last[b], self.budgets[0], sampler.mcmc_steps, sampler.alpha)
+                       for b in range(self.batch)]
+        for chain in self.chains:
+            chain.forward_tokens = self.prompt_real[chain.row]
+            # The first move extends the empty state by block 1; the prompt's last position plays the re-fed token.
+            chain.begin_move(is_mh=False, cut=0, log_u=0.0)
+            chain.refeed_loc = self.prompt_length - 1
+        logits, self.cache = forward_step(model, input_ids, attention_mask, None)
+        self.calls += 1
+        self.batch_forward_tokens += self.batch * self.prompt_length
+        self.scores = logits[:, -1]
+
+    # ---- the main loop -------------------------------------------------------------------------------------
+    def loop(self) -> None:
+        sampler = self.sampler
+        while True:
+            active = [not c.done for c in self.chains]
+            rows = torch.tensor(active, device=self.device)
+            check_logits(self.scores[rows], where=f"model logits at call {self.calls}")
+            proposal = sampler.proposal_scores(self.scores, self._context_ids())
+            # The same draws for every row on every call, so that a row's randomness ignores its batch-mates.
+            tokens = self.rng.categorical(proposal)
+            uniforms = self.rng.uniform(2).tolist()
+            token_logp = torch.log_softmax(self.scores, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            token_logq = torch.log_softmax(proposal, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            feeds = self._advance(tokens.tolist(), token_logp.tolist(), token_logq.tolist(), uniforms)
+            if all(c.done for c in self.chains):
+                break
+            if self.width - self.prompt_length >= self.compact_at:
+                self._compact()
+            self._call(feeds)
+
+    def _advance(self, tokens, logp, logq, uniforms) -> list[int | None]:
+        """Give each row its sampled token; return the token each row feeds next (None: idle)."""
+        feeds: list[int | None] = []
+        for chain in self.chains:
+            b = chain.row
+            if chain.done:
+                feeds.append(None)
+                continue
+            token = tokens[b]
+            chain.new_tokens.append(token)
+            chain.new_logp.append(logp[b])
+            chain.new_logq.append(logq[b])
+            chain.new_weight += self.sampler.alpha * logp[b] - logq[b]
+            ended = token in self.eos or chain.cut + len(chain.new_tokens) >= chain.budget
+            if ended:
+                chain.new_finished = token in self.eos
+                if not chain.is_mh:
+                    chain.commit()
+                else:
+                    chain.proposed += 1
+                    if chain.log_u < chain.log_ratio():
+                        chain.accepted += 1
+                        chain.commit()
+                self._next_move(chain, *uniforms[b])
+            elif chain.is_mh and self.sampler.early_rejection and chain.rejection_bound() < chain.log_u:
+                chain.proposed += 1
+                chain.early_rejected += 1
+                self._next_move(chain, *uniforms[b])
+            else:
+                feeds.append(token)
+                continue
+            feeds.append(None if chain.done else chain.refeed_token())
+        return feeds
+
+    def _next_move(self, chain: _Chain, u_cut: float, u_accept: float) -> None:
+        """Start the chain's next MH move or block extension (or mark it done), and reset its context mask."""
+        sampler = self.sampler
+        while True:
+            if chain.steps_left > 0:
+                chain.steps_left -= 1
+                n = len(chain.tokens)
+                cut = min(int(u_cut * n), n - 1)
+                chain.begin_move(is_mh=True, cut=cut, log_u=math.log(u_accept) if u_accept > 0 else -math.inf)
+                break
+            if chain.block + 1 >= len(self.budgets) or (chain.finished and sampler.stop_at_eos):
+                chain.done = True
+                break
+            chain.block += 1
+            chain.budget = self.budgets[chain.block]
+            chain.steps_left = sampler.mcmc_steps
+            if not chain.finished:
+                chain.begin_move(is_mh=False, cut=len(chain.tokens), log_u=0.0)
+                break
+            # An EOS-terminated state has nothing to extend, but the larger budget lets MH moves propose longer
+            # continuations: the next block's target differs, so its moves still run.
+        self._reset_context(chain)
+
+    def _reset_context(self, chain: _Chain) -> None:
+        """The context of the chain's next fed token: prompt + tokens before its cut (+ the move's own entries)."""
+        row = self.ctx[chain.row]
+        row[:] = False
+        row[:self.prompt_length] = self.prompt_mask[chain.row]
+        if chain.done:
+            return
+        if chain.cut == 0:
+            row[self.prompt_length - 1] = False  # the re-fed copy of the last prompt token replaces it
+        if chain.cut >= 2:
+            row[chain.loc[:chain.cut - 1]] = True
+        if chain.refeed_loc >= 0:
+            row[chain.refeed_loc] = True
+        if chain.new_loc:
+            row[chain.new_loc] = True
+
+    def _call(self, feeds: list[int | None]) -> None:
+        column = self.width
+        for chain, token in zip(self.chains, feeds):
+            if token is None:
+                continue
+            self.ctx[chain.row, column] = True
+            chain.forward_tokens += 1
+            if chain.refeed_loc < 0:
+                chain.refeed_loc = column
+            else:
+                chain.new_loc.append(column)
+        ids = torch.tensor([[self.pad if t is None else t] for t in feeds], device=self.device)
+        mask = torch.from_numpy(self.ctx[:, :column + 1]).to(self.device, torch.long)
+        logits, self.cache = forward_step(self.model, ids, mask, self.cache)
+        self.width += 1
+        self.calls += 1
+        self.batch_forward_tokens += self.batch
+        self.scores = logits[:, -1]
+
+    def _context_ids(self) -> torch.Tensor:
+        """Each row's context tokens (left padded) for warpers that read input_ids, else an empty tensor."""
+        if not self.needs_context:
+            return self.input_ids[:, :0]
+        rows = []
+        for chain in self.chains:
+            prompt = self.input_ids[chain.row].tolist()
+            rows.append(prompt + chain.tokens[:chain.cut] + chain.new_tokens[:-1] if chain.new_tokens
+                        else prompt + chain.tokens[:chain.cut])
+        width = max(len(r) for r in rows)
+        padded = [[self.pad] * (width - len(r)) + r for r in rows]
+        return torch.tensor(padded, device=self.device)
+
+    # ---- squeezing the holes out of the cache ------------------------------------------------------------
+    def _compact(self) -> None:
+        self.compactions += 1
+        layers = getattr(self.cache, "layers", None)
+        gather_ok = (layers is not None and type(self.cache).__name__ == "DynamicCache"
+                     and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
+        mode = self.sampler.compaction
+        if mode == "gather" and not gather_ok:
+            raise ValueError("compaction='gather' needs an HF DynamicCache; use 'auto' or 'prefill'")
+        if gather_ok and mode != "prefill":
+            self._compact_by_gather()
+        else:
+            self._compact_by_prefill()
+
+    def _kept_columns(self, chain: _Chain) -> list[int]:
+        kept = [loc for loc in chain.loc if loc >= 0]
+        if chain.refeed_loc >= self.prompt_length:
+            kept.append(chain.refeed_loc)
+        return sorted(kept + chain.new_loc)
+
+    def _compact_by_gather(self) -> None:
+        P = self.prompt_length
+        kept = [[] if c.done else self._kept_columns(c) for c in self.chains]
+        new_width = P + max(len(k) for k in kept)
+        index = torch.zeros((self.batch, new_width), dtype=torch.long)
+        index[:, :P] = torch.arange(P)
+        for chain, columns in zip(self.chains, kept):
+            if chain.done:
+                self._forget_cache(chain)
+                continue
+            remap = {old: P + i for i, old in enumerate(columns)}
+            index[chain.row, P:P + len(columns)] = torch.tensor(columns, dtype=torch.long)
+            chain.loc = [remap[loc] if loc >= 0 else -1 for loc in chain.loc]
+            if chain.refeed_loc >= P:
+                chain.refeed_loc = remap[chain.refeed_loc]
+            chain.new_loc = [remap[loc] for loc in chain.new_loc]
+        index = index.to(self.device)
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                expanded = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+                setattr(layer, name, tensor.gather(2, expanded))
+        self._after_compaction(new_width)
+
+    @staticmethod
+    def _forget_cache(chain: _Chain) -> None:
+        """A finished chain keeps no cache entries (its result is in its token lists)."""
+        chain.loc = [-1] * len(chain.tokens)
+        chain.refeed_loc, chain.new_loc = -1, []
+
+    def _compact_by_prefill(self) -> None:
+        """For caches we cannot index: crop to the prompt, re-run each row's state, then its move's branch."""
+        P = self.prompt_length
+        if self.width > P:
+            self.cache.crop(-(self.width - P))  # negative: drop that many (transformers 5 refuses a positive size)
+        # Call 1: the state tokens that must be cached (all but the last), right padded.
+        states = [[] if c.done else c.tokens[:max(len(c.tokens) - 1, 0)] for c in self.chains]
+        width1 = max(len(s) for s in states)
+        for chain, state in zip(self.chains, states):
+            if chain.done:
+                self._forget_cache(chain)
+                continue
+            chain.loc = [P + j for j in range(len(state))] + [-1] * (len(chain.tokens) - len(state))
+        base = np.zeros((self.batch, P + width1), dtype=bool)
+        base[:, :P] = self.prompt_mask
+        for b, state in enumerate(states):
+            base[b, P:P + len(state)] = True
+        if width1:
+            self._prefill([s + [self.pad] * (width1 - len(s)) for s in states], base, [len(s) for s in states])
+        # Call 2: each active move's re-fed token and fed proposal tokens, seeing only the prefix before the cut.
+        branches = []
+        for chain in self.chains:
+            fed = chain.refeed_loc >= 0 and not chain.done
+            branches.append(([chain.refeed_token()] + chain.new_tokens[:len(chain.new_loc)]) if fed else [])
+        width2 = max(len(s) for s in branches)
+        mask = np.zeros((self.batch, P + width1 + width2), dtype=bool)
+        for chain, branch in zip(self.chains, branches):
+            row = mask[chain.row]
+            row[:P] = self.prompt_mask[chain.row]
+            if not branch:
+                continue
+            if chain.cut == 0:
+                row[P - 1] = False
+            row[P:P + max(chain.cut - 1, 0)] = True
+            row[P + width1:P + width1 + len(branch)] = True
+            chain.refeed_loc = P + width1
+            chain.new_loc = list(range(P + width1 + 1, P + width1 + len(branch)))
+        if width2:
+            self._prefill([s + [self.pad] * (width2 - len(s)) for s in branches], mask, [len(s) for s in branches])
+        self._after_compaction(P + width1 + width2)
+
+    def _prefill(self, rows: list[list[int]], mask: np.ndarray, real: list[int]) -> None:
+        ids = torch.tensor(rows, device=self.device)
+        for chain, count in zip(self.chains, real):
+            chain.forward_tokens += count
+        _, self.cache = forward_step(self.model, ids, torch.from_numpy(mask).to(self.device, torch.long), self.cache)
+        self.calls += 1
+        self.batch_forward_tokens += ids.numel()
+
+    def _after_compaction(self, new_width: int) -> None:
+        self.width = new_width
+        self.ctx[:] = False
+        for chain in self.chains:
+            self._reset_context(chain)
+
+    # ---- the result ----------------------------------------------------------------------------------------
+    def output(self, seconds: float) -> PowerSampleOutput:
+        lengths = [len(c.tokens) for c in self.chains]
+        width = max(lengths)
+        new = torch.full((self.batch, width), self.pad, dtype=torch.long)
+        token_logprobs = torch.zeros((self.batch, width), dtype=torch.float32)
+        for c in self.chains:
+            new[c.row, :len(c.tokens)] = torch.tensor(c.tokens, dtype=torch.long)
+            token_logprobs[c.row, :len(c.tokens)] = torch.tensor(c.logp, dtype=torch.float32)
+
+        def per_row(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype)
+
+        return PowerSampleOutput(
+            sequences=torch.cat([self.input_ids, new.to(self.device)], dim=1),
+            lengths=per_row(lengths),
+            log_p=per_row([math.fsum(c.logp) for c in self.chains], torch.float64),
+            log_q=per_row([math.fsum(c.logq) for c in self.chains], torch.float64),
+            token_logprobs=token_logprobs,
+            proposed=per_row([c.proposed for c in self.chains]),
+            accepted=per_row([c.accepted for c in self.chains]),
+            early_rejected=per_row([c.early_rejected for c in self.chains]),
+            forward_tokens=per_row([c.forward_tokens for c in self.chains]),
+            batch_forward_tokens=self.batch_forward_tokens,
+            model_calls=self.calls,
+            prompt_length=self.prompt_length,
+            seconds=seconds,
+            alpha=self.sampler.alpha,
+            stats={"compactions": self.compactions, "budgets": self.budgets},
+        )
