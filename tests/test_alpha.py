@@ -16,6 +16,8 @@ from qllm_samplers.alpha import (
     alpha_temperature,
     alpha_top_k,
     alpha_top_p,
+    calibrate_weights,
+    fit_weights,
 )
 from qllm_samplers.generate import DecodeState, generate
 from qllm_samplers.lm import forward_step
@@ -189,7 +191,7 @@ def test_lookahead_picks_min_score_candidate_and_leaves_cache_intact(tiny_llama)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     logits, cache = forward_step(tiny_llama, ids, mask)
-    scores = logits[:, -1] * 20  # sharpen so that the warped distribution keeps several but not all tokens
+    scores = logits[:, -1] * 20  # sharpen: a few plausible tokens, as in a COLD state
     before, length = _snapshot(cache)
     state = _state(ids, model=tiny_llama, cache=cache, mask=mask)
     chosen = sampler.select(scores, state, RowRNG.from_generator([5, 6], 2))
@@ -197,10 +199,13 @@ def test_lookahead_picks_min_score_candidate_and_leaves_cache_intact(tiny_llama)
     assert length_after == length
     for (k0, v0), (k1, v1) in zip(before, after):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
-    # Brute force: each candidate run from scratch (no cache), scored the same way.
-    warped = sampler.warp(scores, ids, sampler.last_parameters)
+    # Brute force: each candidate run from scratch (no cache), scored the same way. The candidates are the top
+    # 3 tokens of the temperature-1 distribution (after the penalty), all inside its top-p nucleus here.
+    params = sampler.last_parameters
+    penalised = RepetitionPenalty(params["repetition_penalty"], window=128)(ids, scores)
     for row in range(2):
-        candidates = warped[row].topk(3).indices
+        candidates = penalised[row].topk(3).indices
+        assert float(torch.softmax(penalised[row], 0).topk(2).values.sum()) < 0.85  # the third is in the nucleus
         scores_row = []
         for token in candidates:
             seq = torch.cat([ids[row : row + 1], token.view(1, 1)], dim=1)
@@ -252,3 +257,57 @@ def test_alpha_combines_token_and_attention_entropy(tiny_llama):
     expected = 2.0 * token_signals(logits[:, -1]).entropy_normalised + 3.0 * attention
     torch.testing.assert_close(alpha, expected)
     assert 0.0 < float(attention) <= 1.0
+
+
+def test_lookahead_on_qllm_leaves_its_cache_intact():
+    from qllm_model.config import QLLMConfig
+    from qllm_model.model import QLLM
+
+    torch.manual_seed(0)
+    model = QLLM(QLLMConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, n_global_tokens=4)).eval()
+    sampler = AlphaSampler(AlphaSamplerConfig(cold_point=50.0, hot_point=60.0, lookahead_k=4))
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    sampler.begin(model, 2)
+    try:
+        logits, cache = forward_step(model, ids, torch.ones_like(ids))
+        keys = [k.clone() for k in cache.keys]
+        length = cache.get_seq_length()
+        sampler.select(logits[:, -1], _state(ids, model=model, cache=cache), RowRNG.from_generator([1, 2], 2))
+    finally:
+        sampler.end()
+    assert cache.get_seq_length() == length and all(torch.equal(a, b) for a, b in zip(keys, cache.keys))
+    assert sampler.stats()["lookahead_forward_tokens"] == 8
+    out = generate(model, ids, sampler=AlphaSampler(), max_new_tokens=8, generator=[3, 4])
+    assert out.stats["tokens"] == 16 and out.stats["lookahead_forward_tokens"] % 3 == 0
+
+
+def test_fit_weights_hits_the_state_fractions():
+    torch.manual_seed(0)
+    token = torch.rand(2000) * 0.5
+    attention = 0.3 + 0.4 * torch.rand(2000)
+    token_weight, attention_weight, offset = fit_weights(token, attention, cold_fraction=0.2, hot_fraction=0.15)
+    assert attention_weight == pytest.approx(0.25 * token_weight)
+    alpha = token_weight * token + attention_weight * attention + offset
+    assert float((alpha < 0.6).double().mean()) == pytest.approx(0.2, abs=0.002)
+    assert float((alpha > 1.8).double().mean()) == pytest.approx(0.15, abs=0.002)
+    with pytest.raises(ValueError, match="do not vary"):
+        fit_weights(torch.ones(10), torch.ones(10))
+    with pytest.raises(ValueError, match="cold_fraction \\+ hot_fraction must be < 1"):
+        fit_weights(token, attention, cold_fraction=0.6, hot_fraction=0.5)
+    with pytest.raises(ValueError, match="one shape"):
+        fit_weights(token, attention[:5])
+
+
+def test_calibrated_weights_drive_the_sampler(tiny_llama):
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(2))
+    implementation = tiny_llama.config._attn_implementation
+    weights = calibrate_weights(tiny_llama, ids, max_new_tokens=12, generator=[0, 1])
+    assert tiny_llama.config._attn_implementation == implementation
+    assert all(math.isfinite(w) for w in weights) and weights[0] > 0
+    config = AlphaSamplerConfig(token_weight=weights[0], attention_weight=weights[1], alpha_offset=weights[2],
+                                lookahead=False)
+    out = generate(tiny_llama, ids, sampler=AlphaSampler(config), max_new_tokens=12, generator=[0, 1])
+    # The tiny model's signals barely depend on the sampler, so its own text spreads over all three states.
+    assert all(count > 0 for count in out.stats["state_counts"].values())
+    with pytest.raises(ValueError, match="alpha_offset must be finite"):
+        AlphaSamplerConfig(alpha_offset=float("nan"))

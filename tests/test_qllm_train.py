@@ -16,15 +16,25 @@ from qllm_model.config import QLLMConfig
 from qllm_model.data import IGNORE_INDEX, ByteWindows, QLLMDataModule, UnpaddedDistributedSampler
 from qllm_model.lit import QLLMLitModule, load_model, warmup_cosine
 from qllm_model.metrics import BitsPerByte, nll_and_count
+from qllm_model.model import QLLM
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(max_seq_len=32, d_model=32, n_layers=2, n_heads=4, n_global_tokens=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small run fastest on one thread; extra threads only spin, badly so on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def corpus(tmp_path) -> Path:
     # Non-UTF-8 bytes are bytes like any other.
-    text = ("the quick brown fox jumps over the lazy dog. " * 60).encode() + bytes(range(256)) + b"\xff\xfe\x80"
+    text = bytes(range(256)) + b"\xff\xfe\x80" + ("the quick brown fox jumps over the lazy dog. " * 60).encode()
     path = tmp_path / "corpus.txt"
     path.write_bytes(text)
     return path
@@ -56,7 +66,7 @@ def test_eval_windows_score_every_byte_once(corpus):
     targets = torch.cat([windows[i][1] for i in range(len(windows))])
     kept = targets[targets != IGNORE_INDEX]
     torch.testing.assert_close(kept, tokens[1:].long())
-    assert (tokens == 0xFF).any() and (kept == 0xFE).any()
+    assert (kept == 0xFF).any() and (kept == 0xFE).any()
 
 
 def test_local_directory_and_test_fraction(tmp_path):
@@ -204,12 +214,12 @@ def test_resume_restores_step_optimizer_and_scheduler(tmp_path, corpus):
     first, _ = run(4)
     saved = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
-    second, record = run(7, ckpt_path="last")
+    second, record = run(8, ckpt_path="last")
     assert record.step == 4 and record.sched_epoch == 4
     saved_state = saved["optimizer_states"][0]["state"]
     assert record.exp_avg and all(torch.equal(record.exp_avg[i], saved_state[i]["exp_avg"]) for i in record.exp_avg)
-    assert second.global_step == 7
-    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert second.global_step == 8
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
 def test_checkpoint_loads_weights_only_and_load_model(tmp_path, corpus):
@@ -261,5 +271,50 @@ def test_cli_fit_resume_and_test_with_tiny_config(tmp_path, corpus):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))  # TensorBoard curves
     cli = run_cli(["fit", *common, "--trainer.max_steps", "5", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 5
-    cli = run_cli(["test", *common, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    cli = run_cli(["test", *common, "--ckpt_path", last])
     assert cli.trainer.callback_metrics["test/bpb"].item() > 0
+    cli = run_cli(["predict", *common, "--ckpt_path", last, "--model.max_new_tokens", "6",
+                   "--data.predict_prompts", '["the quick", "lazy"]'])
+    texts = cli.trainer.predict_loop.predictions[0]
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_generate_and_plot_entries(tmp_path, corpus, capsys):
+    dm = QLLMDataModule(path=str(corpus), seq_len=32, batch_size=4, max_eval_bytes=256)
+    module = QLLMLitModule(QLLMConfig(**TINY))
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    trainer = L.Trainer(max_steps=4, logger=logger, log_every_n_steps=1, val_check_interval=2,
+                        check_val_every_n_epoch=None, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)])
+    trainer.fit(module, datamodule=dm)
+    run_cli(["generate", "--ckpt", str(tmp_path / "c" / "last.ckpt"), "--prompt", "the q", "--temperature", "0",
+             "--max_new_tokens", "4"])
+    printed = capsys.readouterr().out
+    model = load_model(tmp_path / "c" / "last.ckpt")
+    seq = list(b"the q")
+    for _ in range(4):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    from qllm_model.tokenizer import ByteTokenizer
+
+    assert "the q" + ByteTokenizer().decode(seq[5:]) in printed
+    run_cli(["plot", "--logdir", str(tmp_path / "run"), "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert "step      1  val bpb" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "qllm_768d.yaml", "tiny_lora.yaml"])
+def test_shipped_configs_are_valid(name):
+    import yaml
+
+    values = yaml.safe_load((REPO / "configs" / name).read_text())
+    config = QLLMConfig(**values["model"]["config"])
+    assert config.max_seq_len == values["data"]["seq_len"]
+    QLLMDataModule(**values["data"])  # argument validation only; no corpus is read
+    if name == "qllm_768d.yaml":
+        assert (config.d_model, config.n_layers, config.n_heads, config.n_global_tokens) == (768, 12, 12, 16)
+        with torch.device("meta"):  # shapes only: no 85M-parameter allocation
+            assert QLLM(config).num_parameters() > 80e6
+    if name == "tiny_lora.yaml":
+        assert (config.lora_r, config.lora_alpha) == (32, 64.0) and values["model"]["lora_only"]
+

@@ -1,10 +1,12 @@
-"""The ``qllm`` console script: ``qllm fit|validate|test|predict --config configs/<name>.yaml`` (LightningCLI)
-and ``qllm generate --ckpt PATH --prompt TEXT`` (decode with a qllm_samplers sampler)."""
+"""The ``qllm`` console script: ``qllm fit|validate|test|predict --config configs/<name>.yaml`` (LightningCLI),
+``qllm generate --ckpt PATH --prompt TEXT`` (decode with a qllm_samplers sampler) and
+``qllm plot --logdir RUN --out PNG`` (learning curves)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -68,9 +70,17 @@ def run_cli(args: Sequence[str] | None = None) -> QLLMCLI | None:
     if argv and argv[0] == "generate":
         generate_main(argv[1:])
         return None
-    return QLLMCLI(QLLMLitModule, QLLMDataModule, trainer_defaults=TRAINER_DEFAULTS,
-                   save_config_kwargs={"overwrite": True}, args=None if args is None else argv,
-                   seed_everything_default=1337)
+    if argv and argv[0] == "plot":
+        from .curves import plot_main
+
+        plot_main(argv[1:])
+        return None
+    with warnings.catch_warnings():
+        # Called from Python (tests, notebooks) with explicit args while sys.argv holds the caller's own.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return QLLMCLI(QLLMLitModule, QLLMDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                       save_config_kwargs={"overwrite": True}, args=None if args is None else argv,
+                       seed_everything_default=1337)
 
 
 def main(args: Sequence[str] | None = None) -> None:

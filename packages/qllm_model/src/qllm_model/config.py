@@ -99,7 +99,3 @@ class QLLMConfig:
             raise ValueError(f"unknown QLLMConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**values)
 
-
-# The original QLLM: 768 wide, 12 layers, 12 heads, 256 bytes of context, 16 memory tokens, LoRA r32/alpha 64.
-ORIGINAL_768D = dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=256, n_global_tokens=16,
-                     lora_r=32, lora_alpha=64.0)

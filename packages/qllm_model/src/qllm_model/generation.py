@@ -5,22 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from qllm_samplers.generate import WarperSampler, generate
+
+from qllm_samplers.chain import SamplingChain
+from qllm_samplers.generate import generate
 
 from .model import QLLM
 from .tokenizer import ByteTokenizer
-
-
-def classic_sampler(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    """Temperature -> top-k -> top-p (temperature 0 = greedy), from ``qllm_samplers.warpers``."""
-    from qllm_samplers.warpers import Temperature, TopK, TopP
-
-    warpers = [Temperature(temperature)]
-    if top_k is not None:
-        warpers.append(TopK(top_k))
-    if top_p is not None:
-        warpers.append(TopP(top_p))
-    return WarperSampler(warpers)
 
 
 @torch.no_grad()
@@ -35,7 +25,7 @@ def generate_text(model: QLLM, prompts: Sequence[str], *, max_new_tokens: int = 
     device = next(model.parameters()).device
     input_ids, mask = tokenizer.batch_encode(prompts, device=device)
     if sampler is None:
-        sampler = classic_sampler(temperature, top_k, top_p)
+        sampler = SamplingChain(temperature=temperature, top_k=top_k, top_p=top_p)  # temperature 0 = greedy
     out = generate(model, input_ids, sampler=sampler, max_new_tokens=max_new_tokens, attention_mask=mask,
                    eos_token_id=tokenizer.eos_token_id if stop_at_eos else None, generator=seed,
                    pad_token_id=tokenizer.pad_token_id)

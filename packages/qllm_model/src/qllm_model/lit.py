@@ -15,7 +15,6 @@ from .data import IGNORE_INDEX
 from .lora import is_lora_parameter, mark_only_lora_trainable
 from .metrics import BitsPerByte, nll_and_count
 from .model import QLLM
-from .tokenizer import ByteTokenizer
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -26,6 +25,20 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return min_lr_ratio
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (linear weights, embeddings); biases, norms, phases, memory
+    tokens and LoRA factors are not decayed. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.dim() >= 2 and not name.startswith("global_tokens") and not is_lora_parameter(name)
+        (decay if is_matrix else no_decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
 class QLLMLitModule(L.LightningModule):
@@ -50,29 +63,35 @@ class QLLMLitModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(config), "lr": lr, "min_lr_ratio": min_lr_ratio,
                                    "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                    "betas": list(betas), "lora_only": lora_only, "init_from": init_from,
-                                   "max_new_tokens": max_new_tokens, "temperature": temperature,
-                                   "top_k": top_k, "top_p": top_p, "seed": seed, "compile": compile})
+                                   "compile": compile})
+        # Decoding settings stay out of the saved hyper-parameters: LightningCLI re-applies a checkpoint's
+        # hyper-parameters over the command line, which would pin `qllm predict` to the training-time values.
+        self.generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                           "top_p": top_p, "seed": seed}
         self.config = config
         self.model = QLLM(config)
-        self.tokenizer = ByteTokenizer()
         if init_from:
             self.load_pretrained(init_from)
         if lora_only:
             mark_only_lora_trainable(self.model)
         self.val_bpb = BitsPerByte()
         self.test_bpb = BitsPerByte()
-        self._forward = torch.compile(self.model) if compile else self.model
+        # Kept out of the module tree (no duplicate "_compiled.*" keys in checkpoints).
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a trained checkpoint's weights (Lightning .ckpt or a bare state dict); adapters stay fresh."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("val_", "test_"))}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not is_lora_parameter(k) and not k.endswith("lora_merged")]
-        if missing or unexpected:
-            raise ValueError(f"--model.init_from {path}: checkpoint does not match the config "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        own = self.model.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        missing = [k for k in own if k not in state and not is_lora_parameter(k) and not k.endswith("lora_merged")]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected or mismatched:
+            raise ValueError(f"--model.init_from {path}: checkpoint does not match the config (missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]})")
+        self.model.load_state_dict(state, strict=False)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -82,16 +101,15 @@ class QLLMLitModule(L.LightningModule):
                              f"{self.config.max_seq_len} (the position table); make them equal")
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        return self._forward(input_ids, **kwargs)
+        return (self._compiled or self.model)(input_ids, **kwargs)
 
-    def _lm_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _lm_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL over the batch's scored bytes, and their number."""
         x, y = batch
-        logits = self(x).logits
-        nll, count = nll_and_count(logits, y, IGNORE_INDEX)
-        return nll, count, logits
+        return nll_and_count(self(x).logits, y, IGNORE_INDEX)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        nll, count, _ = self._lm_loss(batch)
+        nll, count = self._lm_loss(batch)
         lm_loss = nll / count.clamp(min=1)
         coherence = self.model.coherence_loss()
         loss = lm_loss + self.config.coherence_weight * coherence
@@ -101,11 +119,11 @@ class QLLMLitModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        nll, count, _ = self._lm_loss(batch)
+        nll, count = self._lm_loss(batch)
         self.val_bpb.update(nll, count)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        nll, count, _ = self._lm_loss(batch)
+        nll, count = self._lm_loss(batch)
         self.test_bpb.update(nll, count)
 
     def _log_bpb(self, split: str, metric: BitsPerByte) -> None:
@@ -126,22 +144,18 @@ class QLLMLitModule(L.LightningModule):
     def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
         from .generation import generate_text
 
-        hp = self.hparams
-        return generate_text(self.model, batch, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
-                             top_k=hp.top_k, top_p=hp.top_p, seed=hp.seed + batch_idx)
+        settings = dict(self.generation)
+        seed = settings.pop("seed")
+        per_batch = getattr(getattr(self.trainer, "datamodule", None), "eval_batch_size", len(batch))
+        first_row = batch_idx * per_batch  # row seeds continue across batches: seed + prompt index
+        texts = generate_text(self.model, batch, seed=[seed + first_row + i for i in range(len(batch))], **settings)
+        for prompt, text in zip(batch, texts):
+            self.print(f"=== {prompt!r}\n{prompt}{text}\n")  # rank 0 only
+        return texts
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            # Matrices (linear weights, embeddings) decay; biases, norms, phases and memory tokens do not.
-            is_matrix = param.dim() >= 2 and not name.startswith("global_tokens") and not is_lora_parameter(name)
-            (decay if is_matrix else no_decay).append(param)
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), fused=None)
+        optimizer = build_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
             else int(self.trainer.estimated_stepping_batches)
         warmup = min(hp.warmup_steps, max(total - 1, 0))
@@ -160,4 +174,4 @@ def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu")
     return model.eval()
 
 
-__all__ = ["QLLMLitModule", "load_model", "warmup_cosine"]
+__all__ = ["QLLMLitModule", "build_optimizer", "load_model", "warmup_cosine"]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qllm_samplers.lm import positions_from_mask
+
 from .config import QLLMConfig
 from .lora import LoRALinear, merge_lora
 
@@ -243,9 +245,26 @@ class QLLM(nn.Module):
         self.config.lora_r = 0
         return self
 
+    def _prefill_memory(self, batch: int, dtype: torch.dtype, cache: QLLMCache | None) -> QLLMCache:
+        """Run the memory tokens through the blocks once, at batch size 1, and put their keys/values in front.
+
+        They attend only to each other, so their keys/values are the same for every row: computing them
+        per row would cost batch x n_global extra token positions per step for nothing. The broadcast
+        (expand) views become real tensors when the first real tokens are appended.
+        """
+        memory_cache = QLLMCache(self.config.n_layers, self.config.n_global_tokens)
+        memory = self.drop(self.global_tokens.to(dtype)[None])
+        for layer, block in enumerate(self.blocks):
+            memory = block(memory, None, True, memory_cache, layer)
+        target = cache if cache is not None else QLLMCache(self.config.n_layers, self.config.n_global_tokens)
+        for layer in range(self.config.n_layers):
+            target.keys[layer] = memory_cache.keys[layer].expand(batch, -1, -1, -1)
+            target.values[layer] = memory_cache.values[layer].expand(batch, -1, -1, -1)
+        return target
+
     def _build_mask(self, attention_mask: torch.Tensor | None, batch: int, n_new: int, n_keys: int,
                     device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """A boolean SDPA mask [B, 1, Q, K] (True = may attend), or (None, is_causal) when none is needed.
+        """A boolean SDPA mask [B or 1, 1, Q, K] (True = may attend), or (None, is_causal) when none is needed.
 
         Query i of this call sits at absolute index n_keys - Q + i. It sees memory keys and valid
         (unpadded) keys up to itself; it always sees itself so that a padded query never has an empty
@@ -266,7 +285,7 @@ class QLLM(nn.Module):
             key_ok = torch.cat([torch.ones(batch, n_memory, dtype=torch.bool, device=device),
                                 attention_mask.bool()], dim=1)
             allowed = (allowed & key_ok[:, None, None, :]) | (k_index == q_index)[None, None]
-        return allowed.expand(batch, 1, n_new, n_keys), False
+        return allowed, False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: QLLMCache | None = None,
@@ -282,26 +301,28 @@ class QLLM(nn.Module):
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must cover cached + new tokens: expected shape {(B, past + T)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
-        if int(position_ids.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} is beyond the model's context: positions must "
+        if position_ids is None and attention_mask is None:
+            # The training path: positions known on the host, so no device sync to check them.
+            last_position = past + T - 1
+            position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
+        else:
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)[:, -T:]
+            last_position = int(position_ids.max())
+        if last_position >= self.config.max_seq_len:
+            raise ValueError(f"position {last_position} is beyond the model's context: positions must "
                              f"be < max_seq_len={self.config.max_seq_len}")
 
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         if self.phase is not None:
             x = self.phase(x)
-        # Memory tokens enter once: in the first forward of a cache (or every forward without one).
-        n_memory_new = 0 if (cache is not None and cache.has_memory) else self.config.n_global_tokens
-        if n_memory_new:
-            x = torch.cat([self.global_tokens.to(x.dtype).expand(B, -1, -1), x], dim=1)
         x = self.drop(x)
-        n_keys = self.config.n_global_tokens + past + T
-        mask, is_causal = self._build_mask(attention_mask, B, n_memory_new + T, n_keys, device)
+        n_memory = self.config.n_global_tokens
+        if n_memory and not (cache is not None and cache.has_memory):
+            cache = self._prefill_memory(B, x.dtype, cache)
+        n_keys = n_memory + past + T
+        mask, is_causal = self._build_mask(attention_mask, B, T, n_keys, device)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, is_causal, cache, layer)
-        logits = self.lm_head(self.ln_f(x[:, n_memory_new:]))
+        logits = self.lm_head(self.ln_f(x))
         return QLLMOutput(logits=logits, past_key_values=cache if use_cache else None)

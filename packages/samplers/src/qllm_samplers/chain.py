@@ -77,7 +77,7 @@ class DrawPlan:
     fallback: torch.Tensor
     fallback_logits: torch.Tensor | None
     greedy: torch.Tensor | None
-    argmax: torch.Tensor
+    argmax: torch.Tensor | None
 
 
 class SamplingChain:
@@ -170,6 +170,8 @@ class SamplingChain:
         batch, vocab = scores.shape
         device = scores.device
         if self.penalty is not None:
+            if input_ids is None:
+                raise ValueError("input_ids: repetition_penalty needs the tokens so far, got None")
             penalty = rows(self.penalty.penalty, batch, device, "repetition_penalty")
             scores = apply_repetition_penalty(input_ids, scores, penalty, self.penalty.window)
         greedy = None
@@ -191,7 +193,7 @@ class SamplingChain:
                 check_scores(scores)
             warped = self._truncate(scores, params)
             no_rows = torch.zeros(0, dtype=torch.long, device=device)
-            return DrawPlan(warped, None, no_rows, None, greedy, scores.argmax(dim=-1))
+            return DrawPlan(warped, None, no_rows, None, greedy, scores.argmax(dim=-1) if greedy is not None else None)
 
         values, ids = canonical_topk(scores, k)
         check_scores(scores, values[:, 0])
@@ -211,7 +213,7 @@ class SamplingChain:
                 probs, tail = logits64.softmax(dim=-1), torch.zeros(batch, dtype=torch.float64, device=device)
             else:
                 probs, tail = candidate_probs(scores, ids)
-            nucleus, certain = nucleus_count(values, probs, tail, vocab, threshold, m)
+            nucleus, certain, _ = nucleus_count(values, probs, tail, vocab, threshold, m)
             count = torch.minimum(count, nucleus)
             ok &= certain
         if self.min_p is not None:

@@ -29,9 +29,9 @@ from enum import IntEnum
 
 import torch
 
+from .chain import SamplingChain
 from .rng import RowRNG
 from .signals import AttentionProbe, token_signals
-from .warpers import MinP, Temperature, TopK, TopP
 
 
 class Quadrant(IntEnum):
@@ -201,10 +201,9 @@ class EntropixSampler:
         params = self.parameters(scores, self._attention(batch, scores.device))
         code = params["quadrant"]
         argmax = scores.argmax(dim=-1)
-        warped = Temperature(params["temperature"])(state.input_ids, scores)
-        warped = TopK(params["top_k"])(state.input_ids, warped)
-        warped = TopP(params["top_p"])(state.input_ids, warped)
-        warped = MinP(params["min_p"])(state.input_ids, warped)
+        chain = SamplingChain(temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
+                              min_p=params["min_p"])
+        warped = chain(state.input_ids, scores)
         # "Resample without the argmax": drop the top token where anything else survived the truncations.
         resample = code == Quadrant.RESAMPLE
         without_top = warped.scatter(1, argmax[:, None], float("-inf"))

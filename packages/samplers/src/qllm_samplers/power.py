@@ -17,13 +17,17 @@ How it stays fast (every row is an independent chain):
   attention mask selects the entries that are its context; entries that stop being needed (a rejected proposal,
   the replaced suffix of an accepted one) become holes, exactly like left padding in the middle. Positions come
   from the mask (cumsum), so a kept prefix is never recomputed, whatever the row's cut point.
-- Rows are not synchronised: every model call feeds exactly one token per row, and a row that finishes a move
+- Rows are not synchronised: every model call feeds one token per row (plus drafts), and a row that finishes a move
   starts its next one on the next call (re-feeding the token before its cut to get the proposal's first
   distribution). No row waits for the slowest proposal in the batch.
 - Per-token log p and log q of the current state are kept, so the current suffix is never re-run.
 - Exact early rejection: for the temperature-1/alpha proposal (or a truncation of it), each proposal token adds
   alpha*log p - log q = (alpha - beta)*log p + log sum_S p^beta <= 0 to log r, so once the running sum plus
   the largest possible length term is below log u, the move is rejected without generating the rest.
+- The current suffix as a free draft: while an MH proposal still equals the current state's suffix, the next
+  ``draft_tokens`` tokens of that suffix are fed in the same call; draft d is kept with probability q(d), else a
+  token is drawn from q without d. That is an exact draw from q (speculative sampling with a point-mass draft),
+  and at temperature 1/alpha proposals often repeat the current suffix for many tokens.
 - Holes are squeezed out now and then: by gathering the cache tensors (HF ``DynamicCache``), or for any other
   cache by cropping to the prompt and re-running the kept tokens in two batched calls.
 
@@ -59,6 +63,7 @@ class PowerSampleOutput:
     """Result of ``PowerSampler.generate``: one independent chain per row."""
 
     sequences: torch.Tensor  # [B, P + N]: prompt, then the continuation, padded after a row's EOS
+    attention_mask: torch.Tensor  # [B, P + N]: 1 on real tokens (the prompt's mask, then each continuation)
     lengths: torch.Tensor  # [B] new tokens per row, EOS included
     log_p: torch.Tensor  # [B] float64: log p(continuation) under the base model
     log_q: torch.Tensor  # [B] float64: log q(continuation) under the proposal, token by token in context
@@ -117,9 +122,13 @@ class _Chain:
         self.new_loc: list[int] = []
         self.new_weight = 0.0
         self.new_finished = False
+        self.matching = False  # the proposal so far equals tokens[cut:cut+len(new_tokens)]
+        # what the row fed in the last call: count, draft tokens after the first, cache columns
+        self.fed_count, self.fed_drafts, self.fed_columns = 0, [], []
 
     def begin_move(self, is_mh: bool, cut: int, log_u: float) -> None:
         self.is_mh, self.cut, self.log_u = is_mh, cut, log_u
+        self.matching = is_mh
         self.current_weight = math.fsum(self.weight[cut:])
         self.refeed_loc = -1
         self.new_tokens, self.new_logp, self.new_logq, self.new_loc = [], [], [], []
@@ -165,12 +174,16 @@ class PowerSampler:
     docs/power.md). ``early_rejection`` (None: on whenever the bound is valid) stops a proposal as soon as it
     can no longer be accepted. ``stop_at_eos=True`` reproduces the official code's early exit (a chain stops
     after the block in which its state reached EOS); it is not exact for the full-budget target.
+    ``draft_tokens`` guesses from the current suffix are fed per call while a proposal still repeats it (exact;
+    0 turns it off). ``compaction`` picks how holes leave the cache ("auto": gather for HF DynamicCache,
+    re-prefill otherwise).
     """
 
     def __init__(self, alpha: float = 4.0, mcmc_steps: int = 10, block_size: int | None = None,
                  num_blocks: int = 16, proposal_temperature: float | None = None,
                  proposal_warpers: Callable | Sequence[Callable] = (), early_rejection: bool | None = None,
-                 stop_at_eos: bool = False, pad_token_id: int | None = None, compaction: str = "auto"):
+                 stop_at_eos: bool = False, pad_token_id: int | None = None, compaction: str = "auto",
+                 draft_tokens: int = 8):
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         if not isinstance(mcmc_steps, int) or mcmc_steps < 0:
@@ -184,6 +197,8 @@ class PowerSampler:
         if not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
             raise ValueError(f"proposal_temperature must be a finite number > 0 (None: 1/alpha), "
                              f"got {proposal_temperature!r}")
+        if not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be an integer >= 0 (0: no drafts), got {draft_tokens!r}")
         if compaction not in ("auto", "gather", "prefill"):
             raise ValueError(f"compaction must be 'auto', 'gather' or 'prefill', got {compaction!r}")
         warpers = [proposal_warpers] if callable(proposal_warpers) else list(proposal_warpers)
@@ -206,6 +221,7 @@ class PowerSampler:
         self.stop_at_eos = stop_at_eos
         self.pad_token_id = pad_token_id
         self.compaction = compaction
+        self.draft_tokens = draft_tokens
 
     def budgets(self, max_new_tokens: int) -> list[int]:
         """The length budget of each block: block_size, 2*block_size, ..., max_new_tokens."""
@@ -269,14 +285,16 @@ class _Run:
         self.prompt_mask = attention_mask.bool().cpu().numpy()
         self.prompt_real = [int(x) for x in self.prompt_mask.sum(axis=1)]
         # Compact when the cache has this many columns past the prompt (holes included).
-        self.compact_at = 4 * max_new_tokens + 16
-        self.ctx = np.zeros((self.batch, self.prompt_length + self.compact_at + 2), dtype=bool)
+        self.compact_at = 3 * max_new_tokens + 16
+        self.ctx = np.zeros((self.batch, self.prompt_length + self.compact_at + sampler.draft_tokens + 2), dtype=bool)
         self.ctx[:, :self.prompt_length] = self.prompt_mask
         self.width = self.prompt_length  # cache columns
         self.calls = 0
         self.batch_forward_tokens = 0
         self.compactions = 0
         self.needs_context = any(type(w).__name__ not in _CONTEXT_FREE_WARPERS for w in sampler.proposal_warpers)
+        # Drafts need the warped q at several positions of a row at once: only for context-free warpers.
+        self.draft_len = 0 if self.needs_context else sampler.draft_tokens
         prompt_last = input_ids[:, -1].tolist()
         self.chains = [_Chain(b, prompt_last[b], self.budgets[0], sampler.mcmc_steps, sampler.alpha)
                        for b in range(self.batch)]
@@ -285,64 +303,115 @@ class _Run:
             # The first move extends the empty state by block 1; the prompt's last position plays the re-fed token.
             chain.begin_move(is_mh=False, cut=0, log_u=0.0)
             chain.refeed_loc = self.prompt_length - 1
+            chain.fed_count, chain.fed_drafts, chain.fed_columns = 1, [], [self.prompt_length - 1]
         logits, self.cache = forward_step(model, input_ids, attention_mask, None)
         self.calls += 1
         self.batch_forward_tokens += self.batch * self.prompt_length
-        self.scores = logits[:, -1]
+        self.logits = logits[:, -1:]
 
     # ---- the main loop -------------------------------------------------------------------------------------
     def loop(self) -> None:
-        sampler = self.sampler
+        sampler, draft_len = self.sampler, self.draft_len
         while True:
-            active = [not c.done for c in self.chains]
-            rows = torch.tensor(active, device=self.device)
-            check_logits(self.scores[rows], where=f"model logits at call {self.calls}")
-            proposal = sampler.proposal_scores(self.scores, self._context_ids())
-            # The same draws for every row on every call, so that a row's randomness ignores its batch-mates.
-            tokens = self.rng.categorical(proposal)
-            uniforms = self.rng.uniform(2).tolist()
-            token_logp = torch.log_softmax(self.scores, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            token_logq = torch.log_softmax(proposal, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            feeds = self._advance(tokens.tolist(), token_logp.tolist(), token_logq.tolist(), uniforms)
+            batch, width, vocab = self.logits.shape
+            real = torch.tensor([[not c.done and j < c.fed_count for j in range(width)] for c in self.chains],
+                                device=self.device)
+            check_logits(self.logits[real], where=f"model logits at call {self.calls}")
+            raw_logp = torch.log_softmax(self.logits, dim=-1)
+            # position by position, so that warpers with per-row parameters ([B] tensors) see B rows
+            context = self._context_ids()
+            proposal = torch.stack([sampler.proposal_scores(self.logits[:, j], context) for j in range(width)], 1)
+            logq = torch.log_softmax(proposal, dim=-1)
+            # Score every fed draft token (a guess for the next proposal token) under p and q in one go.
+            drafts = torch.tensor([c.fed_drafts + [0] * (width - len(c.fed_drafts)) for c in self.chains],
+                                  device=self.device)
+            draft_logp, draft_logq = torch.stack([raw_logp.gather(2, drafts[..., None]).squeeze(2),
+                                                  logq.gather(2, drafts[..., None]).squeeze(2)]).tolist()
+            # The same draws for every row on every call, so that a row's randomness ignores its batch-mates:
+            # [cut, accept, one per draft position], then one categorical draw.
+            uniforms = self.rng.uniform(2 + draft_len).tolist()
+            stops = [None if c.done else self._walk_drafts(c, draft_logp[c.row], draft_logq[c.row], uniforms[c.row])
+                     for c in self.chains]
+            rows = torch.arange(batch, device=self.device)
+            position = torch.tensor([s[0] if s else 0 for s in stops], device=self.device)
+            excluded = torch.tensor([s[1] if s else -1 for s in stops], device=self.device)
+            # A rejected draft token d is resampled from q without d: together that is an exact draw from q.
+            scores = proposal[rows, position]
+            scores = torch.where(torch.arange(vocab, device=self.device)[None, :] == excluded[:, None],
+                                 float("-inf"), scores)
+            tokens = self.rng.categorical(scores)
+            token_logp = raw_logp[rows, position].gather(1, tokens[:, None]).squeeze(1)
+            token_logq = logq[rows, position].gather(1, tokens[:, None]).squeeze(1)
+            # one host transfer for the three (token ids are exact in float64)
+            tokens, token_logp, token_logq = torch.stack([tokens.double(), token_logp.double(),
+                                                          token_logq.double()]).tolist()
+            tokens = [int(t) for t in tokens]
+            for chain, stop in zip(self.chains, stops):
+                if stop is not None:
+                    b = chain.row
+                    self._record(chain, tokens[b], token_logp[b], token_logq[b], None, uniforms[b])
             if all(c.done for c in self.chains):
                 break
-            if self.width - self.prompt_length >= self.compact_at:
+            feeds = [[] if c.done else self._next_feed(c) for c in self.chains]
+            if self.width - self.prompt_length + max(len(f) for f in feeds) > self.compact_at:
                 self._compact()
             self._call(feeds)
 
-    def _advance(self, tokens, logp, logq, uniforms) -> list[int | None]:
-        """Give each row its sampled token; return the token each row feeds next (None: idle)."""
-        feeds: list[int | None] = []
-        for chain in self.chains:
-            b = chain.row
-            if chain.done:
-                feeds.append(None)
-                continue
-            token = tokens[b]
-            chain.new_tokens.append(token)
-            chain.new_logp.append(logp[b])
-            chain.new_logq.append(logq[b])
-            chain.new_weight += self.sampler.alpha * logp[b] - logq[b]
-            ended = token in self.eos or chain.cut + len(chain.new_tokens) >= chain.budget
-            if ended:
-                chain.new_finished = token in self.eos
-                if not chain.is_mh:
-                    chain.commit()
-                else:
-                    chain.proposed += 1
-                    if chain.log_u < chain.log_ratio():
-                        chain.accepted += 1
-                        chain.commit()
-                self._next_move(chain, *uniforms[b])
-            elif chain.is_mh and self.sampler.early_rejection and chain.rejection_bound() < chain.log_u:
-                chain.proposed += 1
-                chain.early_rejected += 1
-                self._next_move(chain, *uniforms[b])
+    def _walk_drafts(self, chain: _Chain, draft_logp, draft_logq, uniforms) -> tuple[int, int] | None:
+        """Accept the chain's fed draft tokens one by one (draft d is kept with probability q(d)).
+
+        Returns (position, excluded token) where a fresh token must be drawn (excluded = the rejected draft,
+        or -1 after the last draft), or None when the move ended on a draft token.
+        """
+        for j, token in enumerate(chain.fed_drafts):
+            if uniforms[2 + j] < math.exp(draft_logq[j]):
+                if self._record(chain, token, draft_logp[j], draft_logq[j], chain.fed_columns[j + 1], uniforms):
+                    return None
             else:
-                feeds.append(token)
-                continue
-            feeds.append(None if chain.done else chain.refeed_token())
-        return feeds
+                # the rejected draft and the drafts after it (they saw it) are not part of the proposal: holes
+                self.ctx[chain.row, chain.fed_columns[j + 1:chain.fed_count]] = False
+                return j, token
+        return len(chain.fed_drafts), -1
+
+    def _record(self, chain: _Chain, token: int, logp: float, logq: float, column: int | None,
+                uniforms) -> bool:
+        """Append a proposal token (``column``: its cache entry if it was fed); True if the move is over."""
+        position = chain.cut + len(chain.new_tokens)
+        chain.matching = chain.matching and position < len(chain.tokens) and chain.tokens[position] == token
+        chain.new_tokens.append(token)
+        chain.new_logp.append(logp)
+        chain.new_logq.append(logq)
+        chain.new_weight += self.sampler.alpha * logp - logq
+        if column is not None:
+            chain.new_loc.append(column)
+        if token in self.eos or position + 1 >= chain.budget:
+            chain.new_finished = token in self.eos
+            if not chain.is_mh:
+                chain.commit()
+            else:
+                chain.proposed += 1
+                if chain.log_u < chain.log_ratio():
+                    chain.accepted += 1
+                    chain.commit()
+        elif chain.is_mh and self.sampler.early_rejection and chain.rejection_bound() < chain.log_u:
+            chain.proposed += 1
+            chain.early_rejected += 1
+        else:
+            return False
+        self._next_move(chain, uniforms[0], uniforms[1])
+        return True
+
+    def _next_feed(self, chain: _Chain) -> list[int]:
+        """The tokens a chain feeds next: the re-fed token or its last proposal token, then draft guesses.
+
+        While an MH proposal still equals the current state's suffix, the rest of that suffix is the natural
+        guess for what it samples next (at temperature 1/alpha it often is): feeding it in the same call scores
+        several proposal tokens for the price of one sequential step.
+        """
+        first = chain.new_tokens[-1] if chain.new_tokens else chain.refeed_token()
+        start = chain.cut + len(chain.new_tokens)
+        drafts = chain.tokens[start:start + self.draft_len] if chain.matching else []
+        return [first] + drafts
 
     def _next_move(self, chain: _Chain, u_cut: float, u_accept: float) -> None:
         """Start the chain's next MH move or block extension (or mark it done), and reset its context mask."""
@@ -383,24 +452,25 @@ class _Run:
         if chain.new_loc:
             row[chain.new_loc] = True
 
-    def _call(self, feeds: list[int | None]) -> None:
-        column = self.width
-        for chain, token in zip(self.chains, feeds):
-            if token is None:
+    def _call(self, feeds: list[list[int]]) -> None:
+        width, column = max(len(f) for f in feeds), self.width
+        for chain, fed in zip(self.chains, feeds):
+            chain.fed_count, chain.fed_drafts = len(fed), fed[1:]
+            chain.fed_columns = list(range(column, column + len(fed)))
+            if not fed:
                 continue
-            self.ctx[chain.row, column] = True
-            chain.forward_tokens += 1
+            self.ctx[chain.row, column:column + len(fed)] = True
+            chain.forward_tokens += len(fed)
             if chain.refeed_loc < 0:
                 chain.refeed_loc = column
             else:
                 chain.new_loc.append(column)
-        ids = torch.tensor([[self.pad if t is None else t] for t in feeds], device=self.device)
-        mask = torch.from_numpy(self.ctx[:, :column + 1]).to(self.device, torch.long)
-        logits, self.cache = forward_step(self.model, ids, mask, self.cache)
-        self.width += 1
+        ids = torch.tensor([f + [self.pad] * (width - len(f)) for f in feeds], device=self.device)
+        mask = torch.from_numpy(self.ctx[:, :column + width]).to(self.device, torch.long)
+        self.logits, self.cache = forward_step(self.model, ids, mask, self.cache)
+        self.width += width
         self.calls += 1
-        self.batch_forward_tokens += self.batch
-        self.scores = logits[:, -1]
+        self.batch_forward_tokens += ids.numel()
 
     def _context_ids(self) -> torch.Tensor:
         """Each row's context tokens (left padded) for warpers that read input_ids, else an empty tensor."""
@@ -409,8 +479,7 @@ class _Run:
         rows = []
         for chain in self.chains:
             prompt = self.input_ids[chain.row].tolist()
-            rows.append(prompt + chain.tokens[:chain.cut] + chain.new_tokens[:-1] if chain.new_tokens
-                        else prompt + chain.tokens[:chain.cut])
+            rows.append(prompt + chain.tokens[:chain.cut] + chain.new_tokens)
         width = max(len(r) for r in rows)
         padded = [[self.pad] * (width - len(r)) + r for r in rows]
         return torch.tensor(padded, device=self.device)
@@ -533,8 +602,11 @@ class _Run:
         def per_row(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype)
 
+        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        prompt_mask = torch.from_numpy(self.prompt_mask).long()
         return PowerSampleOutput(
             sequences=torch.cat([self.input_ids, new.to(self.device)], dim=1),
+            attention_mask=torch.cat([prompt_mask, valid.long()], dim=1).to(self.device),
             lengths=per_row(lengths),
             log_p=per_row([math.fsum(c.logp) for c in self.chains], torch.float64),
             log_q=per_row([math.fsum(c.logq) for c in self.chains], torch.float64),

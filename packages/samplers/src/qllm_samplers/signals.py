@@ -50,27 +50,35 @@ class TokenSignals:
 def entropy_varentropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy (bits) and varentropy (bits^2) of ``softmax(logits)`` along the last dimension.
 
-    -inf logits are tokens with probability zero; they contribute nothing (0 * log 0 = 0).
+    -inf logits are tokens with probability zero; they contribute nothing (0 * log 0 = 0). This runs on every
+    decode step over the whole vocabulary, so it is written as few passes: the two sums are dot products, and
+    the varentropy is E[(log p)^2] - H^2.
     """
     if not torch.is_floating_point(logits):
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     probs = log_probs.exp()
-    surprisal = torch.where(probs > 0, -log_probs / LN2, torch.zeros_like(log_probs))
-    entropy = (probs * surprisal).sum(dim=-1)
-    varentropy = (probs * (surprisal - entropy.unsqueeze(-1)) ** 2).sum(dim=-1)
-    return entropy, varentropy
+    # A zero-probability token has log p = -inf; clamping it keeps p * log p at exactly 0 instead of NaN.
+    log_probs = log_probs.clamp(min=-1e4)
+    flat_probs, flat_logs = probs.reshape(-1, 1, probs.shape[-1]), log_probs.reshape(-1, probs.shape[-1], 1)
+    entropy = -torch.bmm(flat_probs, flat_logs).reshape(probs.shape[:-1])
+    second = torch.bmm(flat_probs, flat_logs * flat_logs).reshape(probs.shape[:-1])
+    varentropy = (second - entropy * entropy).clamp(min=0)
+    return entropy / LN2, varentropy / LN2**2
 
 
 def token_signals(logits: torch.Tensor) -> TokenSignals:
     """Token entropy and varentropy of each row of ``logits`` [B, V], raw and normalised by log2(V)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise ValueError("logits: NaN or +inf in the logits; the signals need finite values (-inf allowed)")
     vocab = logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"logits: vocabulary size must be >= 2 to normalise by log2(V), got {vocab}")
+    # NaN and +inf both propagate into the row maximum, as does a row with nothing but -inf: one cheap check.
+    if not torch.isfinite(logits.amax(dim=-1)).all():
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+            raise ValueError("logits: NaN or +inf in the logits; the signals need finite values (-inf allowed)")
+        raise ValueError("logits: a row has no finite logit (every token is -inf)")
     entropy, varentropy = entropy_varentropy(logits)
     scale = math.log2(vocab)
     return TokenSignals(entropy, varentropy, entropy / scale, varentropy / scale**2)
@@ -171,12 +179,22 @@ class AttentionProbe:
 
     def __init__(self):
         self.model = None
-        self.enabled = True
+        self._enabled = True
         self.head_entropy: torch.Tensor | None = None
         self.entropy_normalised: torch.Tensor | None = None
         self._hf_restore: str | None = None
         self._hf_module = None
         self._capture_module = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        if self._capture_module is not None:
+            self._capture_module.capture_last_query_probs = self._enabled
 
     def attach(self, model: torch.nn.Module) -> AttentionProbe:
         if self.model is not None:

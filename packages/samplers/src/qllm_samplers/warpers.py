@@ -151,34 +151,44 @@ def top_p_sorted(scores: torch.Tensor, threshold: torch.Tensor, min_tokens_to_ke
                  filter_value: float) -> torch.Tensor:
     """transformers' algorithm (sort, softmax, cumulative sum from the low end), with our tie rule.
 
-    A stable descending sort, flipped, is an ascending sort in which tied logits put the lower token id last,
-    i.e. on the kept side. The ascending sequence of values is the same whatever the tie order, so the float32
-    softmax and cumsum are bit-identical to transformers'.
+    The ascending sequence of values is the same whatever order the sort gives tied logits, so the float32
+    softmax and cumsum are bit-identical to transformers'. Only where tied logits straddle the cut do we fix
+    which of them stay: the lowest ids.
     """
     vocab = scores.shape[-1]
-    values, ids = scores.sort(dim=-1, descending=True, stable=True)
-    values, ids = values.flip(-1).contiguous(), ids.flip(-1)
+    values, ids = scores.sort(dim=-1)
     cumulative = values.softmax(dim=-1).cumsum(dim=-1)
     remove = cumulative <= threshold.to(cumulative.dtype)[:, None]
     remove[:, vocab - min(min_tokens_to_keep, vocab):] = False
-    return scores.masked_fill(torch.empty_like(remove).scatter_(1, ids, remove), filter_value)
+    remove_by_id = torch.empty_like(remove).scatter_(1, ids, remove)
+    # the cumulative sum is non-decreasing, so the removed tokens are a prefix of the ascending order
+    cut = remove.sum(-1).clamp(min=1, max=vocab - 1)[:, None]
+    straddles = (values.gather(1, cut - 1) == values.gather(1, cut))[:, 0] & remove.any(-1) & ~remove.all(-1)
+    rows = straddles.nonzero().squeeze(-1)
+    if rows.numel():
+        tied = scores[rows] == values[rows].gather(1, cut[rows])
+        kept_tied = (tied & ~remove_by_id[rows]).sum(-1, keepdim=True)
+        remove_by_id[rows] = torch.where(tied, tied.cumsum(-1) > kept_tied, remove_by_id[rows])
+    return scores.masked_fill(remove_by_id, filter_value)
 
 
 def nucleus_count(values: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, vocab: int,
-                  threshold: torch.Tensor, min_tokens_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  threshold: torch.Tensor, min_tokens_to_keep: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """How many of the canonically ordered candidates transformers' top-p keeps, and whether that is certain.
 
     ``values`` [B, K]: candidate logits (canonical order); ``probs`` [B, K] and ``tail`` [B]: float64
     probabilities of the candidates and total probability of everything else, in the row being filtered.
+    Returns (count, ok, uncertain): ``ok`` rows are decided; ``uncertain`` rows have their boundary within
+    rounding distance (only the exact sort path can decide them); other rows need more candidates.
 
     transformers keeps the token at descending rank r iff float32(mass of ranks >= r) > float32(1 - top_p),
     with the mass summed in float32 from the low end over its own float32 softmax. We compute that mass in
     float64 and call a row certain when no rank's mass is within ``eps`` of the threshold, where ``eps`` bounds
     the difference between the two computations: the error of transformers' float32 softmax denominator
     (recursive summation in SUM_LANES lanes over the ascending sort: at most u * sum_i p_i * (rank_i / lanes + 1)
-    plus the lane reduction; tokens outside the candidates have rank <= V) plus per-element rounding. Uncertain
-    rows, rows whose nucleus is not inside the candidates, and top_p = 1 rows (where only float32 underflow
-    decides) are reported not ok.
+    plus the lane reduction; tokens outside the candidates have rank <= V) plus per-element rounding. top_p = 1
+    rows (where only float32 underflow decides) are always left to the sort path.
     """
     batch, k = values.shape
     rank = torch.arange(1, k + 1, device=values.device, dtype=torch.float64)
@@ -189,10 +199,10 @@ def nucleus_count(values: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
     keep = mass_below > thr
     # ranks below min_tokens_to_keep are kept whatever their mass; a zero mass is exact in both computations
     matters = (rank > min_tokens_to_keep) & (mass_below > 0)
-    uncertain = (((mass_below - thr).abs() <= eps) & matters).any(-1)
+    uncertain = (((mass_below - thr).abs() <= eps) & matters).any(-1) | (threshold <= 0)
     count = keep.sum(-1).clamp(min=min_tokens_to_keep)
-    ok = ~uncertain & (threshold > 0) & _prefix_inside(values, count)
-    return count, ok
+    ok = ~uncertain & _prefix_inside(values, count)
+    return count, ok, uncertain
 
 
 def _prefix_inside(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -221,25 +231,45 @@ def top_p_fast(scores: torch.Tensor, top_p: torch.Tensor, min_tokens_to_keep: in
     """transformers' top-p without sorting the vocabulary.
 
     The nucleus is a prefix of the tokens in descending order, so it is found among the ``torch.topk``
-    candidates once each row's full normaliser is known (one softmax pass). Rows where the nucleus is not
-    certainly inside the candidates (flat rows, a boundary within rounding distance, ties with tokens outside
-    the candidates) go through the exact sort path, so the kept set is always transformers'.
+    candidates once each row's full normaliser is known (one softmax pass). Rows whose nucleus is not inside
+    the candidates try a 16x larger candidate set (if it could hold the nucleus at all); rows that are still
+    undecided (flat rows, a boundary within rounding distance) go through the exact sort path, so the kept set is
+    always transformers'.
     """
     batch, vocab = scores.shape
     threshold = top_p_threshold(top_p)
-    k = min(vocab, max(candidates, min_tokens_to_keep + 1))
-    if scores.dtype != torch.float32 or 2 * k >= vocab:
+    out = torch.full_like(scores, filter_value)
+    pending = torch.arange(batch, device=scores.device)
+    to_sort = []
+    k = max(candidates, min_tokens_to_keep + 1)
+    checked = False
+    while scores.dtype == torch.float32 and pending.numel() and 2 * k < vocab:
+        rows = scores if pending.numel() == batch else scores[pending]
+        values, ids = canonical_topk(rows, k)
+        if not checked:
+            check_scores(scores, values[:, 0])
+            checked = True
+        probs, tail = candidate_probs(rows, ids)
+        count, ok, uncertain = nucleus_count(values, probs, tail, vocab, threshold[pending], min_tokens_to_keep)
+        kept = torch.arange(k, device=scores.device)[None, :] < count[:, None]
+        out[pending[ok][:, None], ids[ok]] = values[ok].masked_fill(~kept[ok], filter_value)
+        # Tokens outside the candidates are no more probable than the last one, which bounds what a 16x larger
+        # candidate set could hold; rows that cannot reach top_p there go straight to the sort, and so do rows
+        # whose candidates hold less than a third of top_p (flat rows: a speed heuristic, never a correctness one).
+        larger = 16 * k
+        mass = 1 - tail
+        reachable = (mass + (larger - k) * probs[:, -1] >= top_p[pending] - 1e-6) & (mass >= top_p[pending] / 3)
+        retry = ~ok & ~uncertain & reachable & (2 * larger < vocab)
+        to_sort.append(pending[~ok & ~retry])
+        pending, k = pending[retry], larger
+    to_sort.append(pending)
+    sort_rows = torch.cat(to_sort)
+    if not checked:
         check_scores(scores)
+    if sort_rows.numel() == batch:
         return top_p_sorted(scores, threshold, min_tokens_to_keep, filter_value)
-    values, ids = canonical_topk(scores, k)
-    check_scores(scores, values[:, 0])
-    probs, tail = candidate_probs(scores, ids)
-    count, ok = nucleus_count(values, probs, tail, vocab, threshold, min_tokens_to_keep)
-    kept = torch.arange(k, device=scores.device)[None, :] < count[:, None]
-    out = torch.full_like(scores, filter_value).scatter_(1, ids, values.masked_fill(~kept, filter_value))
-    fallback = (~ok).nonzero().squeeze(-1)
-    if fallback.numel():
-        out[fallback] = top_p_sorted(scores[fallback], threshold[fallback], min_tokens_to_keep, filter_value)
+    if sort_rows.numel():
+        out[sort_rows] = top_p_sorted(scores[sort_rows], threshold[sort_rows], min_tokens_to_keep, filter_value)
     return out
 
 
@@ -387,5 +417,7 @@ class RepetitionPenalty:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         check_scores(scores)
+        if input_ids is None:
+            raise ValueError("input_ids: the repetition penalty needs the tokens so far, got None")
         penalty = rows(self.penalty, scores.shape[0], scores.device, "penalty")
         return apply_repetition_penalty(input_ids, scores, penalty, self.window)

@@ -74,6 +74,16 @@ class UniformSource:
         u = torch.rand(full, generator=self.generator, device=self.generator.device, dtype=self.dtype)
         return u.to(self.device)
 
+    def columns(self, n: int) -> torch.Tensor:
+        """Uniforms laid out [n, num_chains] (one row per update step), the same numbers as ``self(n).T``."""
+        if isinstance(self.generator, RowRNG):
+            return self(n).T.contiguous()
+        if self.generator is None:
+            return torch.rand((n, self.num_chains), device=self.device, dtype=self.dtype)
+        u = torch.rand((n, self.num_chains), generator=self.generator, device=self.generator.device,
+                       dtype=self.dtype)
+        return u.to(self.device)
+
     def logistic(self, *shape: int) -> torch.Tensor:
         """Logistic noise L = logit(u): a p-bit with input x is on exactly when L < x (P = sigmoid(x))."""
         u = self(*shape)
@@ -178,9 +188,9 @@ class PBitNetwork:
         on = uniform(self.num_bits) < 0.5
         return torch.where(on, 1.0, self.low).to(torch.float32)
 
-    def _set(self, x: torch.Tensor, index, field: torch.Tensor, noise: torch.Tensor) -> None:
-        on = noise < self.gain * self.beta * field
-        x[:, index] = torch.where(on, 1.0, self.low)
+    def _on(self, field: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The p-bit: on when u < sigmoid(gain * beta * I), as the state value (1 or low)."""
+        return torch.where(u < torch.sigmoid(self.gain * self.beta * field), 1.0, self.low)
 
     def sweep(self, x: torch.Tensor, uniform: UniformSource, update: str = "sequential") -> torch.Tensor:
         """One sweep (N single-bit updates, or one pass over the colours) of every chain, in place."""
@@ -188,23 +198,34 @@ class PBitNetwork:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         num_chains = x.shape[0]
         h = self._bias_rows(num_chains)
-        noise = uniform.logistic(self.num_bits)
+        u = uniform(self.num_bits)
         if update == "sequential":
             for i in range(self.num_bits):
-                self._set(x, i, x @ self.couplings[:, i] + h[:, i], noise[:, i])
+                x[:, i] = self._on(x @ self.couplings[:, i] + h[:, i], u[:, i])
         elif update == "colored":
-            for color in self.colors:
-                field = x @ self.couplings[:, color] + h[:, color]
-                self._set(x, color, field, noise[:, color])
+            # Whole-state candidates merged under a colour mask: cheaper on CPU than scattering columns.
+            for mask in self._color_masks():
+                x.copy_(torch.where(mask, self._on(x @ self.couplings + h, u), x))
         else:
             sites = uniform.integers(self.num_bits, self.num_bits)
-            rows = torch.arange(num_chains, device=x.device)
+            flat = x.view(-1)
+            base = torch.arange(num_chains, device=x.device) * self.num_bits
+            per_chain = self.biases.dim() == 2
+            flat_biases = self.biases.reshape(-1)
             for step in range(self.num_bits):
                 site = sites[:, step]
-                field = (self.couplings[site] * x).sum(-1) + h[rows, site]
-                on = noise[:, step] < self.gain * self.beta * field
-                x[rows, site] = torch.where(on, 1.0, self.low)
+                bias = flat_biases.index_select(0, base + site if per_chain else site)
+                field = (self.couplings.index_select(0, site) * x).sum(-1) + bias
+                flat.index_copy_(0, base + site, self._on(field, u[:, step]))
         return x
+
+    def _color_masks(self) -> list[torch.Tensor]:
+        masks = []
+        for color in self.colors:
+            mask = torch.zeros(self.num_bits, dtype=torch.bool, device=self.device)
+            mask[color] = True
+            masks.append(mask)
+        return masks
 
     def sample(self, num_chains: int, sweeps: int, *, update: str = "sequential", burn_in: int = 0,
                generator=None, x0: torch.Tensor | None = None, record: bool = False) -> torch.Tensor:
@@ -218,7 +239,8 @@ class PBitNetwork:
         if burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {burn_in}")
         uniform = UniformSource(num_chains, generator, device=self.device)
-        x = self.init_states(num_chains, uniform) if x0 is None else x0.clone().to(torch.float32)
+        x = self.init_states(num_chains, uniform) if x0 is None else x0.to(torch.float32).clone()
+        x = x.contiguous()
         for _ in range(burn_in):
             self.sweep(x, uniform, update)
         trace = []

@@ -18,20 +18,27 @@ beta z' and beta lam enter the dynamics.
 
 Modes (``PBitSampler(mode=...)``):
 - ``gibbs``: the hardware-faithful network. ``sweeps`` sweeps of single-bit p-bit updates (``update=
-  "sequential"`` or ``"random"`` scan) from the empty state; when the final state is not one-hot the chain runs
+  "random"`` scan by default, or ``"sequential"``, which mixes far slower because the hot bit drifts along
+  the scan order) from the empty state; when the final state is not one-hot the chain runs
   another ``sweeps`` sweeps, up to ``max_retries`` times, then a counted fallback. Exact only in the limit of
   many sweeps: single flips must cross the barrier above.
 - ``swap``: the hot bit moves i -> j (j uniform over the candidates) with the p-bit probability
-  sigmoid(beta (z_j - z_i)) (Barker's rule): always one-hot, and its stationary law is exactly softmax.
+  sigmoid(beta (z_j - z_i)) (Barker's rule): always one-hot, and its stationary law is exactly softmax. The
+  chain starts on the most likely token; a sweep is K proposals.
 - ``shifted``: with the log-sum-exp shift and ``lam = 0`` the p-bits decouple: bit k is on with probability
   sigmoid(log p_k) = p_k / (1 + p_k), independently, so one parallel update is an exact draw from the product
   law, and conditioned on exactly one bit on it is exactly softmax (accepted with probability
   1 / prod_k (1 + p_k) >= 1/e). Draws that are not one-hot are redrawn (``max_retries``), then a counted
-  fallback. With ``lam > 0`` each attempt also runs ``sweeps`` coupled sweeps (then it is only approximate).
-- ``tempering``: replica exchange over a ladder of ``replicas`` penalties 0 = lam_0 < ... < lam_R-1 = lam. The
-  lam_0 replica is the exact decoupled network, redrawn each round; the others do one p-bit sweep per round;
-  neighbours swap states with the Metropolis probability min(1, exp(beta (lam_r+1 - lam_r)(P_r+1 - P_r))),
-  P = (S - 1)^2. One-hot states climb to the target replica, so it mixes at any lam (lam = 100 included).
+  fallback. ``lam`` must be 0 here (and in ``swap``, whose states are one-hot by construction).
+- ``tempering``: replica exchange over a ladder of ``replicas`` penalties lam_r = lam (r / (R-1))^3 (0 to lam).
+  The lam_0 replica is the exact decoupled network, redrawn each round; the others do one p-bit sweep per
+  round (sequential scan by default); then neighbours (0,1), (1,2), ... swap states with the Metropolis
+  probability min(1, exp(beta (lam_r+1 - lam_r)(P_r+1 - P_r))), P = (S - 1)^2. A one-hot draw of the lam_0
+  replica climbs the whole ladder in one round, so the target replica mixes at any lam (lam = 100 included).
+  ``sweeps`` counts rounds. The lam_0 replica is one-hot with probability 1 / prod_k (1 + p_k) >= 1/e and a
+  swap between two one-hot states is always accepted (their penalties are equal), so with the default two
+  rungs {0, lam} the chance that the target was never refreshed in the default 12 rounds is at most
+  (1 - 1/e)^12 = 0.4%; more rungs add p-bit networks at intermediate lam but are not needed for mixing.
 
 Vocabulary reduction (``top_k``, ``top_p``, and any -inf logit from upstream warpers) removes tokens from the
 network instead of giving them -inf energies. ``sample(logits, num_samples)`` runs ``num_samples``
@@ -59,9 +66,9 @@ FALLBACKS = ("softmax", "argmax", "none")
 # (lam, sweeps, max_retries) when not given. swap has no penalty (one-hotness is a hard constraint).
 MODE_DEFAULTS = {
     "gibbs": (5.0, 100, 3),
-    "swap": (0.0, 20, 0),
+    "swap": (0.0, 8, 0),
     "shifted": (0.0, 1, 64),
-    "tempering": (20.0, 10, 10),
+    "tempering": (20.0, 12, 10),
 }
 
 
@@ -139,6 +146,7 @@ class OneHotNetwork:
         self.penalty = penalty
         self.field_base = self.log_probs_t + penalty                           # beta (z' + lam)
         self.two_penalty = 2.0 * penalty
+        self._on_probability: torch.Tensor | None = None  # sigmoid(log p), for decoupled draws
 
     @property
     def num_bits(self) -> int:
@@ -155,19 +163,26 @@ class OneHotNetwork:
 
     def decoupled_state(self, uniform: UniformSource) -> tuple[torch.Tensor, torch.Tensor]:
         """An exact draw from the lam = 0 network: every bit on with probability sigmoid(log p_k)."""
-        y = (uniform.logistic(self.num_bits).T < self.log_probs_t)
+        if self._on_probability is None:
+            self._on_probability = torch.sigmoid(self.log_probs_t)
+        y = uniform.columns(self.num_bits) < self._on_probability
         if self.valid_t is not None:
             y &= self.valid_t
-        y = y.to(torch.float32)
+        y = y.to(torch.float32).contiguous()
         return y, y.sum(dim=0)
 
-    def sweep(self, y: torch.Tensor, s: torch.Tensor, uniform: UniformSource, update: str = "random") -> None:
+    def sweep(self, y: torch.Tensor, s: torch.Tensor, uniform: UniformSource, update: str = "random",
+              steps: int | None = None) -> None:
         """One sweep of single p-bit updates of every chain, in place on (y [K, C], S [C]).
 
-        A p-bit with input x turns on when u < sigmoid(x): one sigmoid per update is cheaper than turning a
-        whole sweep of uniforms into logistic noise.
+        A sweep is K updates; ``steps`` sets another count for the random scan (e.g. the original package's
+        150 updates). A p-bit with input x turns on when u < sigmoid(x): one sigmoid per update is cheaper
+        than turning a whole sweep of uniforms into logistic noise.
         """
-        u = uniform(self.num_bits).T.contiguous()                              # [K, C]
+        steps = self.num_bits if steps is None else steps
+        if update == "sequential" and steps != self.num_bits:
+            raise ValueError(f"steps must equal the number of bits ({self.num_bits}) for a sequential sweep")
+        u = uniform.columns(steps)                                             # [steps, C]
         if update == "sequential":
             for i in range(self.num_bits):
                 old = y[i]
@@ -179,11 +194,11 @@ class OneHotNetwork:
                 y[i] = new
             return
         # Random scan: each chain updates its own uniformly chosen (valid) bit at every step.
-        sites = uniform.integers(self.counts, self.num_bits).T                 # [K steps, C]
+        sites = uniform.integers(self.counts, steps).T                         # [steps, C]
         flat_y = y.view(-1)
         field_base = self.field_base.reshape(-1)
         chains = torch.arange(self.num_chains, device=y.device)
-        for step in range(self.num_bits):
+        for step in range(steps):
             # Flat offsets into the [K, C] layout; index_select/index_copy_ are the fast paths on CPU.
             offsets = sites[step] * self.num_chains + chains
             old = flat_y.index_select(0, offsets)
@@ -251,14 +266,16 @@ class PBitSampler:
     """Draw tokens with a simulated p-bit network; see the module docstring for the modes.
 
     ``PBitSampler(mode="gibbs", lam=None, beta=1.0, sweeps=None, ...)``: ``lam``, ``sweeps`` and
-    ``max_retries`` default per mode (``MODE_DEFAULTS``). ``update``: single-bit scan order for gibbs/shifted/
-    tempering sweeps. ``replicas``: tempering ladder size. ``fallback``: what a draw that never reached a
-    one-hot state returns: an exact ``softmax`` draw (default), the ``argmax`` (the original package's
-    choice), or ``none`` (-1, so experiments can see failures). Counters are in ``stats``.
+    ``max_retries`` default per mode (``MODE_DEFAULTS``). ``update``: single-bit scan order of the gibbs and
+    tempering sweeps, ``"random"`` or ``"sequential"`` (default: random for gibbs, sequential for
+    tempering). ``replicas``: tempering ladder size. ``fallback``: what a draw that never reached a one-hot
+    state returns: an exact ``softmax`` draw (default), the ``argmax`` (the original package's
+    choice), or ``none`` (-1, so experiments can see failures). Counters: ``counters`` (a ``PBitStats``) and
+    ``stats()`` (a dict, which ``generate()`` reports).
     """
 
     def __init__(self, mode: str = "gibbs", lam: float | None = None, beta: float = 1.0, sweeps: int | None = None,
-                 *, update: str = "random", max_retries: int | None = None, replicas: int = 4,
+                 *, update: str | None = None, max_retries: int | None = None, replicas: int = 2,
                  top_k: int | None = None, top_p: float | None = None, fallback: str = "softmax"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -268,12 +285,18 @@ class PBitSampler:
         max_retries = default_retries if max_retries is None else max_retries
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if mode in ("swap", "shifted") and lam != 0:
+            raise ValueError(f"lam must be 0 (or None) for mode {mode!r}: swap keeps one-hot states exactly "
+                             f"(no penalty) and shifted samples the decoupled lam = 0 network; got {lam!r}")
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
         if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 1:
             raise ValueError(f"sweeps must be an int >= 1, got {sweeps!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        # Random scan mixes the faithful network much faster than a fixed order (a sequential sweep drifts the
+        # hot bit along the scan order); the tempering rungs only need a cheap sweep, so they scan in order.
+        update = ("sequential" if mode == "tempering" else "random") if update is None else update
         if update not in SCAN_UPDATES:
             raise ValueError(f"update must be one of {SCAN_UPDATES}, got {update!r}")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 2:
@@ -284,15 +307,19 @@ class PBitSampler:
         self.mode, self.lam, self.beta, self.sweeps = mode, float(lam), float(beta), sweeps
         self.update, self.max_retries, self.replicas = update, max_retries, replicas
         self.top_k, self.top_p, self.fallback = top_k, top_p, fallback
-        self.stats = PBitStats()
+        self.counters = PBitStats()
 
     def __repr__(self) -> str:
         return (f"PBitSampler(mode={self.mode!r}, lam={self.lam}, beta={self.beta}, sweeps={self.sweeps}, "
                 f"update={self.update!r}, max_retries={self.max_retries}, top_k={self.top_k}, "
                 f"top_p={self.top_p}, fallback={self.fallback!r})")
 
+    def stats(self) -> dict:
+        """The counters as a dict (``generate()`` puts this in ``GenerateOutput.stats``)."""
+        return self.counters.as_dict()
+
     def reset_stats(self) -> None:
-        self.stats = PBitStats()
+        self.counters = PBitStats()
 
     # ------------------------------------------------------------------------------------------ public
     def target_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -346,20 +373,21 @@ class PBitSampler:
             check_logits(rows, "logits")
         except ValueError as error:
             raise ValueError(f"{error} (vocabulary is empty)") from None
-        return rows.float()
+        # float64 logits stay float64 (the log-sum-exp is float64 anyway); half precision is widened.
+        return rows if rows.dtype == torch.float64 else rows.float()
 
     def _run(self, log_probs: torch.Tensor, valid: torch.Tensor, uniform: UniformSource) -> torch.Tensor:
         num_chains = log_probs.shape[0]
         if self.mode == "swap":
             index = self._swap(log_probs, valid, uniform)
             failed = torch.zeros(num_chains, dtype=torch.bool, device=log_probs.device)
-            self.stats.attempts += num_chains
+            self.counters.attempts += num_chains
         else:
             kernel = {"gibbs": self._gibbs, "shifted": self._shifted, "tempering": self._tempering}[self.mode]
             index, failed = kernel(log_probs, valid, uniform)
-        self.stats.draws += num_chains
+        self.counters.draws += num_chains
         if failed.any():
-            self.stats.fallbacks += int(failed.sum())
+            self.counters.fallbacks += int(failed.sum())
             index = index.clone()
             if self.fallback == "argmax":
                 index[failed] = 0  # candidates are sorted best first
@@ -384,10 +412,10 @@ class PBitSampler:
         for attempt in range(self.max_retries + 1):
             for _ in range(self.sweeps):
                 network.sweep(y, s, source, self.update)
-            self.stats.sweeps += self.sweeps * pending.numel()
+            self.counters.sweeps += self.sweeps * pending.numel()
             one_hot, hot = _one_hot_index(y, s)
-            self.stats.attempts += pending.numel()
-            self.stats.invalid_attempts += int((~one_hot).sum())
+            self.counters.attempts += pending.numel()
+            self.counters.invalid_attempts += int((~one_hot).sum())
             index[pending[one_hot]] = hot[one_hot]
             pending = pending[~one_hot]
             _advance(uniform, source)
@@ -403,25 +431,28 @@ class PBitSampler:
 
     def _shifted(self, log_probs, valid, uniform):
         num_chains = log_probs.shape[0]
+        # Decoupled p-bits: bit k is on with probability sigmoid(log p_k), independently of the others.
+        on_probability = torch.sigmoid(log_probs).T.to(torch.float32).contiguous()   # [K, C]
+        valid_t = None if bool(valid.all()) else valid.T.contiguous()
         index = torch.full((num_chains,), -1, dtype=torch.long, device=log_probs.device)
         pending = torch.arange(num_chains, device=log_probs.device)
         source = uniform
         for _ in range(self.max_retries + 1):
-            network = OneHotNetwork(log_probs[pending], valid[pending], self.beta * self.lam)
-            y, s = network.decoupled_state(source)
-            if self.lam > 0:
-                for _ in range(self.sweeps):
-                    network.sweep(y, s, source, self.update)
-                self.stats.sweeps += self.sweeps * pending.numel()
-            else:
-                self.stats.sweeps += pending.numel()
-            one_hot, hot = _one_hot_index(y, s)
-            self.stats.attempts += pending.numel()
-            self.stats.invalid_attempts += int((~one_hot).sum())
+            subset = pending.numel() < num_chains
+            threshold = on_probability[:, pending] if subset else on_probability
+            # Every parallel update is a fresh exact draw, so only the last of the sweeps counts.
+            for _ in range(self.sweeps):
+                y = source.columns(threshold.shape[0]) < threshold
+            if valid_t is not None:
+                y &= valid_t[:, pending] if subset else valid_t
+            one_hot = y.sum(dim=0) == 1
+            hot = y.to(torch.uint8).argmax(dim=0)
+            self.counters.sweeps += self.sweeps * pending.numel()
+            self.counters.attempts += pending.numel()
+            self.counters.invalid_attempts += int((~one_hot).sum())
             index[pending[one_hot]] = hot[one_hot]
             pending = pending[~one_hot]
-            if source is not uniform:
-                _advance(uniform, source)
+            _advance(uniform, source)
             if pending.numel() == 0:
                 break
             source = _subset(uniform, pending)
@@ -433,20 +464,22 @@ class PBitSampler:
         counts = valid.sum(dim=1)
         log_probs = log_probs.to(torch.float32)
         width = log_probs.shape[1]
-        hot = uniform.integers(counts)
-        hot_log_prob = log_probs.gather(1, hot[:, None])[:, 0]
+        # Warm start on the most likely token (candidates are sorted): the initial error is then 1 - p_max,
+        # small exactly when the chain is slow (a peaked row), while a flat row mixes within a sweep.
+        hot = torch.zeros(log_probs.shape[0], dtype=torch.long, device=log_probs.device)
+        hot_log_prob = log_probs[:, 0].clone()
         for _ in range(self.sweeps):
             # One sweep = K proposals per chain: the hot bit hands over to a uniformly chosen candidate j with
             # the p-bit probability sigmoid(log p_j - log p_hot). Proposals are drawn and looked up per sweep.
             partners = uniform.integers(counts, width)
             partner_log_probs = log_probs.gather(1, partners).T.contiguous()
             partners = partners.T.contiguous()
-            u = uniform(width).T.contiguous()
+            u = uniform.columns(width)
             for step in range(width):
                 accept = u[step] < torch.sigmoid(partner_log_probs[step] - hot_log_prob)
                 hot = torch.where(accept, partners[step], hot)
                 hot_log_prob = torch.where(accept, partner_log_probs[step], hot_log_prob)
-        self.stats.sweeps += self.sweeps * log_probs.shape[0]
+        self.counters.sweeps += self.sweeps * log_probs.shape[0]
         return hot
 
     def _tempering(self, log_probs, valid, uniform):
@@ -473,12 +506,12 @@ class PBitSampler:
                 _exchange(y_all, s_all, ladder, uniform)
                 y = y_all[:, 1:].reshape(width, (rungs - 1) * num_chains).contiguous()
                 s = s_all[1:].reshape(-1).contiguous()
-            self.stats.sweeps += self.sweeps * int(pending.sum())
+            self.counters.sweeps += self.sweeps * int(pending.sum())
             top_y, top_s = y[:, -num_chains:], s[-num_chains:]
             one_hot, hot = _one_hot_index(top_y, top_s)
             newly = pending & one_hot
-            self.stats.attempts += int(pending.sum())
-            self.stats.invalid_attempts += int((pending & ~one_hot).sum())
+            self.counters.attempts += int(pending.sum())
+            self.counters.invalid_attempts += int((pending & ~one_hot).sum())
             index[newly] = hot[newly]
             pending &= ~one_hot
             if not pending.any():
@@ -506,7 +539,7 @@ def _exchange(y: torch.Tensor, s: torch.Tensor, ladder: torch.Tensor, uniform: U
     ladder in one round; each swap satisfies detailed balance, so their composition keeps the joint law.
     """
     rungs = s.shape[0]
-    u = uniform(rungs - 1).T                                                   # [pairs, C]
+    u = uniform.columns(rungs - 1)                                             # [pairs, C]
     for lower in range(rungs - 1):
         upper = lower + 1
         gain = (ladder[upper] - ladder[lower]) * ((s[upper] - 1.0) ** 2 - (s[lower] - 1.0) ** 2)

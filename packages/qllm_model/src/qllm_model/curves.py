@@ -1,0 +1,69 @@
+"""Learning curves from a run's TensorBoard event files, as a PNG (``qllm plot``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def read_scalars(logdir: str | Path, tags: Sequence[str] = ("train/bpb", "val/bpb")) -> dict[str, list[dict]]:
+    """{tag: [{"step", "value", "seconds"}]} over every event file under ``logdir`` (resumed runs included),
+    sorted by step; ``seconds`` is wall time since the first event of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    if not files:
+        raise ValueError(f"--logdir {logdir}: no TensorBoard event files found")
+    series: dict[str, list[dict]] = {tag: [] for tag in tags}
+    for file in files:
+        events = EventAccumulator(str(file))
+        events.Reload()
+        for tag in tags:
+            if tag in events.Tags()["scalars"]:
+                series[tag] += [{"step": e.step, "value": e.value, "wall": e.wall_time} for e in events.Scalars(tag)]
+    start = min((p["wall"] for points in series.values() for p in points), default=0.0)
+    for tag, points in series.items():
+        points.sort(key=lambda p: p["step"])
+        series[tag] = [{"step": p["step"], "value": p["value"], "seconds": p["wall"] - start} for p in points]
+    return series
+
+
+def plot_curves(logdir: str | Path, out: str | Path, target: float | None = None, title: str | None = None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_scalars(logdir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tag, style in (("train/bpb", dict(alpha=0.5, lw=1)), ("val/bpb", dict(marker="o", lw=2))):
+        if series[tag]:
+            ax.plot([p["step"] for p in series[tag]], [p["value"] for p in series[tag]], label=tag, **style)
+    if target is not None:
+        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title or str(logdir))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return series
+
+
+def plot_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="qllm plot", description="Plot train/val bits per byte of a run.")
+    parser.add_argument("--logdir", required=True, help="a TensorBoard run folder, e.g. runs/tiny/version_0")
+    parser.add_argument("--out", required=True, help="PNG path")
+    parser.add_argument("--target", type=float, default=None, help="draw a horizontal target line")
+    parser.add_argument("--json", default=None, help="also write the curves as JSON")
+    args = parser.parse_args(list(argv))
+    series = plot_curves(args.logdir, args.out, args.target)
+    if args.json:
+        Path(args.json).write_text(json.dumps(series, indent=1))
+    for point in series["val/bpb"]:
+        print(f"step {point['step']:>6}  val bpb {point['value']:.4f}  after {point['seconds'] / 60:6.1f} min")
+    print(f"wrote {args.out}")
