@@ -11,7 +11,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QLLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models are dominated by per-op overhead; a second thread only adds OpenMP wake-ups (10x slower when busy).
+torch.set_num_threads(1)
 
 
 def _tiny_gpt2():
