@@ -122,10 +122,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         sequence, mask = input_ids, attention_mask
         for step in range(max_new_tokens):
-            check_logits(scores[~finished], where=f"model logits at step {step}")
+            # One pass over the vocabulary serves both the base log-probs and the input check: the log-sum-exp
+            # is NaN, -inf or +inf exactly when a row holds NaN, has no finite logit, or holds +inf.
+            log_normalizer = torch.logsumexp(scores, dim=-1)
+            if not bool(torch.isfinite(log_normalizer[~finished]).all()):
+                check_logits(scores[~finished], where=f"model logits at step {step}")
             state = DecodeState(model, sequence, mask, cache, step, finished)
             chosen = token_sampler.select(scores, state, rng)
-            chosen_logprob = torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+            chosen_logprob = scores.gather(1, chosen[:, None]).squeeze(1) - log_normalizer
             chosen = torch.where(finished, pad_token_id, chosen)
             tokens[:, step] = chosen
             logprobs[:, step] = torch.where(finished, 0.0, chosen_logprob)

@@ -28,9 +28,11 @@ def context_limit(model: torch.nn.Module) -> int | None:
 
 
 def check_logits(logits: torch.Tensor, where: str = "logits") -> None:
-    """Raise ValueError on NaN or on a row with no finite value (nothing could be sampled from it)."""
+    """Raise ValueError on NaN, on +inf, or on a row with no finite value (nothing could be sampled from it)."""
     if torch.isnan(logits).any():
         raise ValueError(f"{where}: NaN in the model's logits; cannot sample")
+    if torch.isposinf(logits).any():
+        raise ValueError(f"{where}: +inf in the model's logits; probabilities are undefined")
     if not torch.isfinite(logits).any(dim=-1).all():
         raise ValueError(f"{where}: a row has no finite logit (every token is -inf or +inf)")
 
