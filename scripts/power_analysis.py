@@ -13,7 +13,6 @@ H3, greedy vs low temperature vs power on SmolLM2 prompts: mean sequence log-lik
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import statistics
@@ -28,46 +27,17 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from qllm_evals.metrics.distribution import kl_divergence, total_variation, tv_noise_floor  # noqa: E402
+from qllm_samplers.enumeration import (  # noqa: E402
+    EOS,
+    PROMPT,
+    all_continuations,
+    continuation_logprobs,
+    toy_lm,
+)
 from qllm_samplers.generate import generate  # noqa: E402
 from qllm_samplers.power import PowerSampler  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EOS, VOCAB, PROMPT = 2, 5, [1, 3]
-
-
-def enumerable_lm(seed: int = 1, scale: float = 8.0, eos_bias: float = 0.0):
-    """A tiny random Llama over 5 tokens with scaled-up logits (the same construction as tests/test_power.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    head = torch.nn.Linear(16, VOCAB, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight * scale)
-        head.bias.zero_()
-        head.bias[EOS] = eos_bias
-    model.lm_head = head
-    return model
-
-
-def continuations(max_new: int, eos: int | None) -> list[tuple[int, ...]]:
-    if eos is None:
-        return list(itertools.product(range(VOCAB), repeat=max_new))
-    others = [t for t in range(VOCAB) if t != eos]
-    out = [tuple(pre) + (eos,) for k in range(1, max_new + 1) for pre in itertools.product(others, repeat=k - 1)]
-    return out + list(itertools.product(others, repeat=max_new))
-
-
-@torch.no_grad()
-def token_logprobs(model, conts, temperature: float = 1.0) -> list[list[float]]:
-    width = max(len(c) for c in conts)
-    ids = torch.tensor([PROMPT + list(c) + [0] * (width - len(c)) for c in conts])
-    logprobs = torch.log_softmax(model(input_ids=ids).logits.double() / temperature, dim=-1)
-    start = len(PROMPT) - 1
-    return [[float(logprobs[r, start + j, t]) for j, t in enumerate(c)] for r, c in enumerate(conts)]
 
 
 def mh_kernel(conts, lp, lq, alpha: float, variant: str = "ours") -> torch.Tensor:
@@ -96,9 +66,9 @@ def mh_kernel(conts, lp, lq, alpha: float, variant: str = "ours") -> torch.Tenso
 
 
 def exact_laws(model, alpha: float, max_new: int, eos: int | None):
-    conts = continuations(max_new, eos)
-    lp = token_logprobs(model, conts)
-    lq = token_logprobs(model, conts, 1 / alpha)
+    conts = all_continuations(max_new, eos)
+    lp = continuation_logprobs(model, conts)
+    lq = continuation_logprobs(model, conts, 1 / alpha)
     log_p = torch.tensor([sum(r) for r in lp], dtype=torch.float64)
     power = torch.softmax(alpha * log_p, dim=0)
     tokenwise = torch.tensor([math.exp(sum(r)) for r in lq], dtype=torch.float64)
@@ -109,7 +79,7 @@ def part_h1(args, out_dir: Path) -> dict:
     results = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (label, eos) in zip(axes, [("no EOS", None), ("EOS", EOS)]):
-        model = enumerable_lm(eos_bias=0.0)
+        model = toy_lm(eos_bias=0.0)
         conts, _, _, log_p, power, tokenwise = exact_laws(model, args.alpha, 3, eos)
         log_power, log_tok = power.log(), tokenwise.log()
         # Gap to the most likely sequence: power scales it by exactly alpha; temperature does not.
@@ -156,7 +126,7 @@ def _empirical(out, conts) -> torch.Tensor:
 
 
 def part_h2(args, out_dir: Path) -> dict:
-    model = enumerable_lm(eos_bias=0.0)
+    model = toy_lm(eos_bias=0.0)
     conts, lp, lq, _, power, tokenwise = exact_laws(model, args.alpha, 3, EOS)
     kernel = mh_kernel(conts, lp, lq, args.alpha)
     law, exact_curve = tokenwise.clone(), {}
@@ -180,7 +150,7 @@ def part_h2(args, out_dir: Path) -> dict:
     # makes lengths differ: the length term is what keeps the short/long balance right.
     variants = {}
     for seed, scale, alpha in ((1, 12.0, 2.0), (1, 8.0, args.alpha)):
-        v_conts, v_lp, v_lq, _, v_power, v_tok = exact_laws(enumerable_lm(seed, scale, 0.0), alpha, 3, EOS)
+        v_conts, v_lp, v_lq, _, v_power, v_tok = exact_laws(toy_lm(seed, scale, 0.0), alpha, 3, EOS)
         short = torch.tensor([len(c) < 3 for c in v_conts])
         key = f"seed={seed} scale={scale:g} alpha={alpha:g}"
         variants[key] = {"target_mass_on_short": float(v_power[short].sum())}

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
 from qllm_evals.metrics.distribution import g_test, total_variation, tv_noise_floor
+from qllm_samplers.enumeration import EOS, PROMPT, all_continuations, continuation_logprobs, toy_lm
 from qllm_samplers.power import PowerSampler
-
-EOS = 2
-PROMPT = [1, 3]
-VOCAB = 5
 
 
 @pytest.fixture(autouse=True)
@@ -23,43 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _peaked_llama(seed: int, scale: float, eos_bias: float):
-    """A tiny random Llama over 5 tokens whose logits are scaled up so that p^alpha and temperature differ."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    head = torch.nn.Linear(16, VOCAB, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight * scale)
-        head.bias.zero_()
-        head.bias[EOS] = eos_bias
-    model.lm_head = head
-    return model
-
-
-def _continuations(max_new: int, eos: int | None) -> list[tuple[int, ...]]:
-    """Every whole continuation: EOS-terminated (EOS only at the end) or cut at max_new tokens."""
-    if eos is None:
-        return list(itertools.product(range(VOCAB), repeat=max_new))
-    others = [t for t in range(VOCAB) if t != eos]
-    out = [tuple(pre) + (eos,) for k in range(1, max_new + 1) for pre in itertools.product(others, repeat=k - 1)]
-    return out + list(itertools.product(others, repeat=max_new))
-
-
-@torch.no_grad()
-def _token_logprobs(model, continuations, temperature: float = 1.0) -> list[list[float]]:
-    """Per-token log-probabilities of each continuation after PROMPT (teacher forcing, one batched call)."""
-    width = max(len(c) for c in continuations)
-    ids = torch.tensor([PROMPT + list(c) + [0] * (width - len(c)) for c in continuations])
-    logprobs = torch.log_softmax(model(input_ids=ids).logits.double() / temperature, dim=-1)
-    start = len(PROMPT) - 1
-    return [[float(logprobs[r, start + j, t]) for j, t in enumerate(c)] for r, c in enumerate(continuations)]
 
 
 def _mh_kernel(continuations, lp, lq, alpha: float) -> torch.Tensor:
@@ -94,13 +53,13 @@ def _histogram(out, continuations) -> torch.Tensor:
 def test_matches_exact_power_distribution(case):
     """Many independent chains (one per row) match the enumerated p^alpha and not token-wise temperature."""
     if case == "no_eos":
-        model, eos, alpha, steps, early, drafts = _peaked_llama(1, 8.0, 0.0), None, 4.0, 20, False, 0
+        model, eos, alpha, steps, early, drafts = toy_lm(1, 8.0, 0.0), None, 4.0, 20, False, 0
     else:  # EOS makes lengths differ: the length term log n - log n' is needed for exactness
-        model, eos, alpha, steps, early, drafts = _peaked_llama(1, 12.0, 0.0), EOS, 2.0, 20, None, 8
+        model, eos, alpha, steps, early, drafts = toy_lm(1, 12.0, 0.0), EOS, 2.0, 20, None, 8
     max_new, chains = 3, 1200
-    conts = _continuations(max_new, eos)
-    lp = _token_logprobs(model, conts)
-    lq = _token_logprobs(model, conts, temperature=1 / alpha)
+    conts = all_continuations(max_new, eos)
+    lp = continuation_logprobs(model, conts)
+    lq = continuation_logprobs(model, conts, temperature=1 / alpha)
     target = torch.softmax(alpha * torch.tensor([sum(r) for r in lp], dtype=torch.float64), dim=0)
     tokenwise = torch.tensor([math.exp(sum(r)) for r in lq], dtype=torch.float64)
     # The test is only meaningful if the two laws differ and the chain has (provably) converged after `steps`.
@@ -131,9 +90,9 @@ def test_matches_exact_power_distribution(case):
 
 
 def test_zero_steps_is_tokenwise_temperature():
-    model = _peaked_llama(1, 8.0, 0.0)
-    conts, chains = _continuations(3, EOS), 1500
-    lq = _token_logprobs(model, conts, temperature=0.25)
+    model = toy_lm(1, 8.0, 0.0)
+    conts, chains = all_continuations(3, EOS), 1500
+    lq = continuation_logprobs(model, conts, temperature=0.25)
     tokenwise = torch.tensor([math.exp(sum(r)) for r in lq], dtype=torch.float64)
     out = PowerSampler(alpha=4.0, mcmc_steps=0, num_blocks=3).generate(
         model, torch.tensor([PROMPT] * chains), 3, eos_token_id=EOS, generator=list(range(chains)))
@@ -146,9 +105,9 @@ def test_truncated_proposal_targets_restricted_power():
     """With a top-k proposal the chain is exact for p^alpha restricted to what top-k can produce."""
     from qllm_samplers.warpers import TopK
 
-    model, alpha, chains, top_k = _peaked_llama(1, 8.0, 0.0), 4.0, 1200, 2
-    conts = _continuations(3, None)
-    lp = _token_logprobs(model, conts)
+    model, alpha, chains, top_k = toy_lm(1, 8.0, 0.0), 4.0, 1200, 2
+    conts = all_continuations(3, None)
+    lp = continuation_logprobs(model, conts)
     with torch.no_grad():
         ids = torch.tensor([PROMPT + list(c) for c in conts])
         logits = model(input_ids=ids).logits[:, len(PROMPT) - 1:-1]
@@ -275,7 +234,7 @@ def test_bad_generate_input(tiny_gpt2):
 
 def test_stop_at_eos_ends_a_chain_after_its_eos_block():
     """The official schedule: a chain stops after the block in which its state ended with EOS."""
-    model, chains, steps, blocks = _peaked_llama(1, 12.0, 0.0), 64, 2, 3
+    model, chains, steps, blocks = toy_lm(1, 12.0, 0.0), 64, 2, 3
     exact = PowerSampler(alpha=2.0, mcmc_steps=steps, num_blocks=blocks)
     official = PowerSampler(alpha=2.0, mcmc_steps=steps, num_blocks=blocks, stop_at_eos=True)
     ids = torch.tensor([PROMPT] * chains)

@@ -186,7 +186,6 @@ class AlphaSampler:
     def __init__(self, config: AlphaSamplerConfig | None = None):
         self.config = config or AlphaSamplerConfig()
         self.probe = AttentionProbe() if self.config.attention_weight > 0 else None
-        self._attached = False
         self.reset(0)
 
     def reset(self, batch_size: int) -> None:
@@ -212,19 +211,17 @@ class AlphaSampler:
         self.reset(batch_size)
         if self.probe is not None:
             self.probe.attach(model)
-            self._attached = True
 
     def end(self) -> None:
-        if self._attached:
+        if self.probe is not None:
             self.probe.detach()
-            self._attached = False
 
     def alpha(self, scores: torch.Tensor, batch_size: int) -> torch.Tensor:
         """alpha [B] of the current step from the logits and (if weighted) the probe's attention entropy."""
         signals = token_signals(scores)
         alpha = self.config.token_weight * signals.entropy_normalised + self.config.alpha_offset
         if self.probe is not None:
-            if not self._attached:
+            if not self.probe.attached:
                 raise ValueError("AlphaSampler needs begin(model, batch_size) before select() to read attention "
                                  "(generate() calls it), or AlphaSamplerConfig(attention_weight=0.0)")
             alpha = alpha + self.config.attention_weight * self.probe.read(batch_size).to(alpha.device)

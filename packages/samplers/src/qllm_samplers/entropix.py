@@ -133,7 +133,6 @@ class EntropixSampler:
     def __init__(self, config: EntropixConfig | None = None):
         self.config = config or EntropixConfig()
         self.probe = AttentionProbe() if self.config.use_attention else None
-        self._attached = False
         self.counts = torch.zeros(len(Quadrant), dtype=torch.long)
         self.clarifications = 0
 
@@ -142,17 +141,15 @@ class EntropixSampler:
         self.clarifications = 0
         if self.probe is not None:
             self.probe.attach(model)
-            self._attached = True
 
     def end(self) -> None:
-        if self._attached:
+        if self.probe is not None:
             self.probe.detach()
-            self._attached = False
 
     def _attention(self, batch: int, device) -> torch.Tensor:
         if self.probe is None:
             return torch.zeros(batch, device=device)
-        if not self._attached:
+        if not self.probe.attached:
             raise ValueError("EntropixSampler needs begin(model, batch_size) before select() to read attention "
                              "(generate() calls it), or EntropixConfig(use_attention=False)")
         return self.probe.read(batch).to(device)

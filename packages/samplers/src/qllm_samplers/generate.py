@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .lm import check_logits, context_limit, forward_step
+from .lm import check_decode_inputs, check_logits, forward_step
 from .rng import GeneratorLike, RowRNG
 
 
@@ -87,22 +87,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
     ``eos_token_id=None`` means no row stops early. ``generator`` seeds the per-row random streams (see
     ``RowRNG.from_generator``): per-row seeds make a request's tokens independent of its batch-mates.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    attention_mask = check_decode_inputs(model, input_ids, attention_mask, max_new_tokens)
     batch, prompt_length = input_ids.shape
-    limit = context_limit(model)
-    if limit is not None and prompt_length + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds the model's context "
-            f"limit of {limit} positions; shorten the prompt or lower max_new_tokens"
-        )
     device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     token_sampler = _as_token_sampler(sampler)
     eos = _eos_tensor(eos_token_id, device)
     if pad_token_id is None:

@@ -37,6 +37,31 @@ def check_logits(logits: torch.Tensor, where: str = "logits") -> None:
         raise ValueError(f"{where}: a row has no finite logit (every token is -inf or +inf)")
 
 
+def check_decode_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        max_new_tokens: int) -> torch.Tensor:
+    """Validate a decode request and return its attention mask (all ones when none was given).
+
+    Raises ValueError for a malformed prompt batch, ``max_new_tokens < 1``, a mask of the wrong shape, or a prompt
+    that would run past the model's context limit (never truncated silently).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    prompt_length = input_ids.shape[1]
+    limit = context_limit(model)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds the model's context "
+            f"limit of {limit} positions; shorten the prompt or lower max_new_tokens (no silent truncation)"
+        )
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    return attention_mask
+
+
 @torch.no_grad()
 def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  past_key_values=None):

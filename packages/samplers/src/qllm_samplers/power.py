@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .lm import check_logits, context_limit, forward_step
+from .lm import check_decode_inputs, check_logits, forward_step
 from .rng import GeneratorLike, RowRNG
 
 # Warpers that only remove tokens from the (temperature-scaled) distribution: q stays p^beta renormalised on a
@@ -244,23 +244,9 @@ class PowerSampler:
         ``generator`` seeds the per-row streams (``RowRNG.from_generator``; per-row seeds make each chain
         independent of its batch-mates). ``eos_token_id=None``: continuations always run to the budget.
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        attention_mask = check_decode_inputs(model, input_ids, attention_mask, max_new_tokens)
         batch, prompt_length = input_ids.shape
-        limit = context_limit(model)
-        if limit is not None and prompt_length + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds the model's context "
-                f"limit of {limit} positions; shorten the prompt or lower max_new_tokens (no silent truncation)"
-            )
         device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
-                             f"{tuple(input_ids.shape)}")
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask: prompts must be left padded (every row's last position is a token)")
         eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int)

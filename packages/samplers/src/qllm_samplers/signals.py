@@ -196,6 +196,10 @@ class AttentionProbe:
         if self._capture_module is not None:
             self._capture_module.capture_last_query_probs = self._enabled
 
+    @property
+    def attached(self) -> bool:
+        return self.model is not None
+
     def attach(self, model: torch.nn.Module) -> AttentionProbe:
         if self.model is not None:
             raise ValueError("AttentionProbe is already attached to a model; call detach() first")
@@ -237,7 +241,9 @@ class AttentionProbe:
             self._hf_module = None
 
     def detach(self) -> None:
-        """Restore the model: its original attention implementation, capture flags off."""
+        """Restore the model: its original attention implementation, capture flags off (no-op when detached)."""
+        if self.model is None:
+            return
         if self._hf_restore is not None:
             self.model.set_attn_implementation(self._hf_restore)
             self._hf_restore = None
