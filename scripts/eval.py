@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from qllm_evals.models import DEFAULT_MODEL
-from qllm_evals.registry import parse_samplers, sampler_help
 from qllm_evals.runner import EvalConfig, merge, parse_shard, run_eval
+from qllm_samplers.specs import parse_samplers, sampler_help
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

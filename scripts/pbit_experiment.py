@@ -33,14 +33,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from qllm_evals.metrics.distribution import (  # noqa: E402
+from qllm_samplers.diagnostics.distribution import (  # noqa: E402
     empirical_distribution,
     g_test,
     kl_divergence,
     total_variation,
     tv_noise_floor,
 )
-from qllm_evals.metrics.mcmc import autocorrelation_time, effective_sample_size, split_rhat  # noqa: E402
+from qllm_samplers.diagnostics.mcmc import autocorrelation_time, effective_sample_size, split_rhat  # noqa: E402
 from qllm_samplers.pbit.network import UniformSource  # noqa: E402
 from qllm_samplers.pbit.token import (  # noqa: E402
     MODES,

@@ -26,16 +26,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from qllm_evals.metrics.distribution import kl_divergence, total_variation, tv_noise_floor  # noqa: E402
-from qllm_samplers.enumeration import (  # noqa: E402
+from qllm_samplers.diagnostics.distribution import kl_divergence, total_variation, tv_noise_floor  # noqa: E402
+from qllm_samplers.generate import generate  # noqa: E402
+from qllm_samplers.power import PowerSampler  # noqa: E402
+from qllm_samplers.testing import (  # noqa: E402
     EOS,
     PROMPT,
     all_continuations,
     continuation_logprobs,
     toy_lm,
 )
-from qllm_samplers.generate import generate  # noqa: E402
-from qllm_samplers.power import PowerSampler  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from qllm_evals.models import chat_prompt_ids, left_pad
-from qllm_evals.registry import SamplerSpec, parse_samplers
 from qllm_evals.report import write_report
+from qllm_samplers.specs import SamplerSpec, parse_samplers
 
 FORMAT_VERSION = 1
 
@@ -356,6 +356,6 @@ def merge(run_dir: Path, *, allow_incomplete: bool = False, chart: bool = True) 
 
 
 def _deterministic(sampler_config: dict) -> bool:
-    from qllm_evals.registry import SamplerSpec
+    from qllm_samplers.specs import SamplerSpec
 
     return SamplerSpec(sampler_config["label"], sampler_config["name"], sampler_config["params"]).deterministic

@@ -232,7 +232,7 @@ class PBitNetwork:
         """Run ``num_chains`` independent chains for ``burn_in + sweeps`` sweeps.
 
         Returns the final states [C, N], or with ``record=True`` the states after each of the last ``sweeps``
-        sweeps, [C, sweeps, N] (correlated along the sweep axis; see qllm_evals.metrics.mcmc).
+        sweeps, [C, sweeps, N] (correlated along the sweep axis; see qllm_samplers.diagnostics.mcmc).
         """
         if sweeps < 1:
             raise ValueError(f"sweeps must be >= 1, got {sweeps}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qllm_evals.registry import SAMPLERS, parse_sampler, parse_samplers, parse_value
+from qllm_samplers.specs import SAMPLERS, parse_sampler, parse_samplers, parse_value
 
 
 def test_values_are_typed():

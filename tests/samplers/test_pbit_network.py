@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qllm_evals.metrics.distribution import g_test, total_variation, tv_noise_floor
+from qllm_samplers.diagnostics.distribution import g_test, total_variation, tv_noise_floor
 from qllm_samplers.pbit.network import (
     PBitNetwork,
     UniformSource,

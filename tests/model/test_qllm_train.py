@@ -18,7 +18,7 @@ from qllm_model.lit import QLLMLitModule, load_model, warmup_cosine
 from qllm_model.metrics import BitsPerByte, nll_and_count
 from qllm_model.model import QLLM
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(max_seq_len=32, d_model=32, n_layers=2, n_heads=4, n_global_tokens=4)
 
 

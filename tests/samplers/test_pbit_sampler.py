@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from qllm_evals.metrics.distribution import SampleHistogram, g_test, total_variation, tv_noise_floor
+from qllm_evals.metrics.histogram import SampleHistogram
+from qllm_samplers.diagnostics.distribution import g_test, total_variation, tv_noise_floor
 from qllm_samplers.pbit.network import UniformSource, state_histogram
 from qllm_samplers.pbit.token import OneHotNetwork, PBitSampler, centred_log_probs, reduce_vocabulary
 from qllm_samplers.rng import RowRNG

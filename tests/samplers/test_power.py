@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from qllm_evals.metrics.distribution import g_test, total_variation, tv_noise_floor
-from qllm_samplers.enumeration import EOS, PROMPT, all_continuations, continuation_logprobs, toy_lm
+from qllm_samplers.diagnostics.distribution import g_test, total_variation, tv_noise_floor
 from qllm_samplers.power import PowerSampler
+from qllm_samplers.testing import EOS, PROMPT, all_continuations, continuation_logprobs, toy_lm
 
 
 @pytest.fixture(autouse=True)

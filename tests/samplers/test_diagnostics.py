@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from qllm_evals.metrics.distribution import (
-    SampleHistogram,
+from qllm_evals.metrics.histogram import SampleHistogram
+from qllm_samplers.diagnostics.distribution import (
     chi_square_test,
     empirical_distribution,
     g_test,
@@ -16,7 +16,7 @@ from qllm_evals.metrics.distribution import (
     total_variation,
     tv_noise_floor,
 )
-from qllm_evals.metrics.mcmc import autocorrelation_time, effective_sample_size, split_rhat
+from qllm_samplers.diagnostics.mcmc import autocorrelation_time, effective_sample_size, split_rhat
 
 
 def _probs(v: int, seed: int) -> torch.Tensor:

@@ -195,7 +195,7 @@ def test_summary_counts_incomplete_samplers():
 def _eval_script():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "eval.py"
     spec = importlib.util.spec_from_file_location("eval_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,9 @@
-"""Exact laws on LMs small enough to enumerate: every whole continuation and its per-token log-probabilities.
+"""Test scaffolding for samplers (needs the ``hf`` extra: transformers): tiny random HF models built from a
+config (no hub), and exact laws on LMs small enough to enumerate (every whole continuation and its per-token
+log-probabilities).
 
-Used to check samplers against their exact targets (power sampling's p^alpha, token-wise temperature) in tests
-and in ``scripts/power_analysis.py``.
+Used to check samplers against their exact targets (power sampling's p^alpha, token-wise temperature) in the
+test suite and in ``scripts/power_analysis.py``; useful to anyone testing a sampler of their own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ import itertools
 import torch
 
 EOS, VOCAB, PROMPT = 2, 5, [1, 3]
+
+
+def tiny_gpt2(vocab_size: int = 97, seed: int = 0):
+    """A 2-layer random GPT-2 (n_embd 32, 128 positions; bos 1, eos 2, pad 0) in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(vocab_size: int = 101, seed: int = 0, max_position_embeddings: int = 128):
+    """A 2-layer random Llama (hidden 32, 4 heads, 2 KV heads; bos 1, eos 2, pad 0) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
 
 
 def toy_lm(seed: int = 1, scale: float = 8.0, eos_bias: float = 0.0, vocab_size: int = VOCAB, eos: int = EOS):
