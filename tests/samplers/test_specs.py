@@ -80,7 +80,8 @@ def test_comma_list():
     ("temp", r"temp needs a value, e.g. temp:0.7"),
     ("temp:hot", r"temperature must be float, got 'hot'"),
     ("temp:inf", r"temperature must be finite"),
-    ("power:beta=3", r"unknown key 'beta' for 'power'; valid keys: alpha, block_size, early_rejection, mcmc_steps"),
+    ("power:beta=3", r"unknown key 'beta' for 'power'; valid keys: alpha \(a\), block_size \(block\), compaction, "
+                     r"draft_tokens \(drafts\), early_rejection \(early\), mcmc_steps \(steps, mcmc\)"),
     ("power:alpha=4:a=2", r"alpha is given twice"),
     ("greedy:1", r"'greedy' has no main setting"),
     ("topp:0.9:0.8", r"bare value '0.8' allowed only first"),
@@ -103,3 +104,30 @@ def test_bad_values_fail_at_build_naming_the_spec():
     with pytest.raises(ValueError, match="at least one sampler"):
         parse_samplers(" , ")
     assert set(SAMPLERS) >= {"greedy", "temp", "topp", "minp", "power", "alpha", "entropix", "pbit"}
+
+
+def test_keys_come_from_constructor_signatures():
+    """Every scalar constructor argument is a spec key, so the table cannot drift from the code."""
+    import inspect
+
+    from qllm_samplers.power import PowerSampler
+    from qllm_samplers.specs import SAMPLER_TYPES
+
+    expected = {name for name, param in inspect.signature(PowerSampler).parameters.items()
+                if name not in ("proposal_warpers", "pad_token_id")}
+    assert {k.name for k in SAMPLER_TYPES["power"].keys()} >= expected
+    assert parse_sampler("power:drafts=0:compaction=prefill").build().draft_tokens == 0
+
+
+def test_key_kinds_follow_annotations():
+    from qllm_samplers.specs import signature_keys
+
+    class Toy:
+        def __init__(self, a: float = 1.0, b: int | None = None, c: bool = False, d: str = "x", e: list | None = None,
+                     *, f=3):
+            pass
+
+    kinds = {k.name: k.kind for k in signature_keys(Toy, {"a": ("alpha_short",)})}
+    assert kinds == {"a": float, "b": int, "c": bool, "d": str, "f": int}
+    with pytest.raises(RuntimeError, match=r"spec aliases \['zz'\] name no parameter of Toy"):
+        signature_keys(Toy, {"zz": ("z",)})

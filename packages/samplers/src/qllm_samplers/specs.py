@@ -69,126 +69,144 @@ def _coerce(name: str, value: Any, kind: type | None, spec: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ registry
 
+# Parameter types a spec string can carry; anything else (callables, tensors, lists) is not a spec key.
+_SCALAR_TYPES = (bool, int, float, str)
+
 
 @dataclass(frozen=True)
 class Key:
-    name: str  # the constructor argument
+    name: str  # the constructor argument (or config field)
     kind: type | None = None  # float/int/bool/str, or None to keep the parsed value
     aliases: tuple[str, ...] = ()
 
 
+def _scalar_kind(annotation: Any, default: Any) -> type | None | bool:
+    """The scalar type behind an annotation such as ``float | None`` or ``ParamLike | None``; False if none."""
+    import types
+    import typing
+
+    if annotation in _SCALAR_TYPES:
+        return annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        scalars = [a for a in args if a in _SCALAR_TYPES]
+        # ``int | float`` style unions and per-row parameters (``float | Tensor``): the widest scalar wins.
+        for kind in (str, float, int, bool):
+            if kind in scalars:
+                return kind
+        if all(a is type(None) for a in args):
+            return None
+        return False
+    if annotation is Any or annotation is None:
+        return type(default) if isinstance(default, _SCALAR_TYPES) else None
+    return False
+
+
+def signature_keys(target: Callable, aliases: dict[str, tuple[str, ...]] | None = None,
+                   exclude: tuple[str, ...] = ()) -> tuple[Key, ...]:
+    """Spec keys read from a constructor's signature, or a config dataclass's fields (one home for key names).
+
+    Only scalar parameters (bool/int/float/str, optionally None) become keys; ``aliases`` adds short names.
+    """
+    import inspect
+    import typing
+
+    aliases = aliases or {}
+    if dataclasses.is_dataclass(target):
+        hints = typing.get_type_hints(target)
+        items = [(f.name, hints.get(f.name, Any), f.default) for f in dataclasses.fields(target)]
+    else:
+        init = target.__init__ if isinstance(target, type) else target
+        hints = typing.get_type_hints(init)
+        parameters = inspect.signature(init).parameters.items()
+        items = [(name, hints.get(name, Any), param.default) for name, param in parameters
+                 if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+    keys = []
+    for name, annotation, default in items:
+        kind = _scalar_kind(annotation, None if default is inspect.Parameter.empty else default)
+        if kind is False or name in exclude:
+            continue
+        keys.append(Key(name, kind, aliases.get(name, ())))
+    unknown = set(aliases) - {k.name for k in keys}
+    if unknown:  # an alias for a parameter that no longer exists: the table drifted from the code
+        raise RuntimeError(f"spec aliases {sorted(unknown)} name no parameter of {target.__name__}")
+    return tuple(keys)
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class SamplerType:
+    """One sampler name. Keys come from ``target``'s constructor signature (or ``config``'s fields), never copied."""
+
     name: str
     help: str
-    build: Callable[[dict], Any]
-    keys: tuple[Key, ...] | Callable[[], tuple[Key, ...]] = ()  # a callable reads them from a config dataclass
+    target: str  # "module:Class", imported only when needed
+    config: str | None = None  # "module:ConfigDataclass" for samplers built as Class(Config(**params))
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()  # constructor arguments that are not spec keys (e.g. pad_token_id)
     positional: str | None = None  # which key a bare value sets
-    kind: str = "token"  # "token": a TokenSampler for qllm_samplers.generate; "sequence": has .generate(...)
+    kind: str = "token"  # transitional: "sequence" samplers have .generate (generate() accepts both)
     fixed: dict = field(default_factory=dict)  # settings implied by the name (topp -> temperature 1)
     family: str = ""  # names of one family build the same class: temp:0.7 == sample:temp=0.7
 
+    def keys(self) -> tuple[Key, ...]:
+        return signature_keys(_import(self.config or self.target), self.aliases, self.exclude)
+
     def key_table(self) -> dict[str, Key]:
-        keys = self.keys() if callable(self.keys) else self.keys
         table = {}
-        for key in keys:
+        for key in self.keys():
             for alias in (key.name, *key.aliases):
                 table[alias] = key
         return table
 
-
-def _chain(params: dict):
-    from qllm_samplers.chain import SamplingChain
-
-    return SamplingChain(**params)
-
-
-def _greedy(params: dict):
-    from qllm_samplers.chain import Greedy
-
-    return Greedy(**params)
+    def build(self, params: dict):
+        if self.config:
+            return _import(self.target)(_import(self.config)(**params))
+        return _import(self.target)(**params)
 
 
-def _power(params: dict):
-    from qllm_samplers.power import PowerSampler
-
-    return PowerSampler(**params)
-
-
-def _dataclass_keys(module: str, config_class: str) -> Callable[[], tuple[Key, ...]]:
-    def keys() -> tuple[Key, ...]:
-        import importlib
-
-        config = getattr(importlib.import_module(module), config_class)
-        out = []
-        for f in dataclasses.fields(config):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            kind = type(default) if isinstance(default, (bool, int, float, str)) else None
-            out.append(Key(f.name, kind))
-        return tuple(out)
-
-    return keys
+_CHAIN = "qllm_samplers.chain:SamplingChain"
+_CHAIN_ALIASES = {
+    "temperature": ("temp", "t"), "top_k": ("topk", "k"), "top_p": ("topp", "p"), "min_p": ("minp",),
+    "typical_p": ("typical",), "repetition_penalty": ("rep", "penalty"), "repetition_window": ("rep_window",),
+}
+_POWER_ALIASES = {
+    "alpha": ("a",), "mcmc_steps": ("steps", "mcmc"), "block_size": ("block",), "num_blocks": ("blocks",),
+    "proposal_temperature": ("ptemp", "proposal_temp"), "early_rejection": ("early",), "stop_at_eos": ("stop",),
+    "draft_tokens": ("drafts",),
+}
+_CHAIN_ONLY = ("min_tokens_to_keep", "candidates")
 
 
-def _with_config(module: str, sampler_class: str, config_class: str) -> Callable[[dict], Any]:
-    def build(params: dict):
-        import importlib
+def _chain_type(name: str, help: str, positional: str | None, fixed: dict | None = None) -> SamplerType:
+    return SamplerType(name, help, _CHAIN, aliases=_CHAIN_ALIASES, positional=positional, fixed=fixed or {},
+                       family="chain")
 
-        mod = importlib.import_module(module)
-        return getattr(mod, sampler_class)(getattr(mod, config_class)(**params))
-
-    return build
-
-
-def _pbit(params: dict):
-    from qllm_samplers.pbit.token import PBitSampler
-
-    return PBitSampler(**params)
-
-
-_CHAIN_KEYS = (
-    Key("temperature", float, ("temp", "t")),
-    Key("top_k", int, ("topk", "k")),
-    Key("top_p", float, ("topp", "p")),
-    Key("min_p", float, ("minp",)),
-    Key("typical_p", float, ("typical",)),
-    Key("repetition_penalty", float, ("rep", "penalty")),
-)
 
 SAMPLER_TYPES: dict[str, SamplerType] = {t.name: t for t in [
-    SamplerType("greedy", "argmax decoding", _greedy),
-    SamplerType("temp", "temperature sampling, temp:T (0 = greedy); chain keys allowed", _chain, _CHAIN_KEYS,
-                positional="temperature", family="chain"),
-    SamplerType("sample", "ancestral sampling at temperature 1; chain keys allowed", _chain, _CHAIN_KEYS,
-                fixed={"temperature": 1.0}, family="chain"),
-    SamplerType("topk", "top-k sampling, topk:K", _chain, _CHAIN_KEYS, positional="top_k",
-                fixed={"temperature": 1.0}, family="chain"),
-    SamplerType("topp", "nucleus sampling, topp:P", _chain, _CHAIN_KEYS, positional="top_p",
-                fixed={"temperature": 1.0}, family="chain"),
-    SamplerType("minp", "min-p sampling, minp:P", _chain, _CHAIN_KEYS, positional="min_p",
-                fixed={"temperature": 1.0}, family="chain"),
-    SamplerType("typical", "locally typical sampling, typical:P", _chain, _CHAIN_KEYS, positional="typical_p",
-                fixed={"temperature": 1.0}, family="chain"),
-    SamplerType("power", "power sampling p^alpha by MCMC, power:alpha=4:steps=2:blocks=4", _power, (
-        Key("alpha", float, ("a",)),
-        Key("mcmc_steps", int, ("steps", "mcmc")),
-        Key("block_size", int, ("block",)),
-        Key("num_blocks", int, ("blocks",)),
-        Key("proposal_temperature", float, ("ptemp", "proposal_temp")),
-        Key("early_rejection", bool, ("early",)),
-        Key("stop_at_eos", bool, ("stop",)),
-    ), positional="alpha", kind="sequence"),
-    SamplerType("alpha", "adaptive alpha sampler; keys: AlphaSamplerConfig fields",
-                _with_config("qllm_samplers.alpha", "AlphaSampler", "AlphaSamplerConfig"),
-                _dataclass_keys("qllm_samplers.alpha", "AlphaSamplerConfig")),
+    SamplerType("greedy", "argmax decoding", "qllm_samplers.chain:Greedy"),
+    _chain_type("temp", "temperature sampling, temp:T (0 = greedy); chain keys allowed", "temperature"),
+    _chain_type("sample", "ancestral sampling at temperature 1; chain keys allowed", None, {"temperature": 1.0}),
+    _chain_type("topk", "top-k sampling, topk:K", "top_k", {"temperature": 1.0}),
+    _chain_type("topp", "nucleus sampling, topp:P", "top_p", {"temperature": 1.0}),
+    _chain_type("minp", "min-p sampling, minp:P", "min_p", {"temperature": 1.0}),
+    _chain_type("typical", "locally typical sampling, typical:P", "typical_p", {"temperature": 1.0}),
+    SamplerType("power", "power sampling p^alpha by MCMC, power:alpha=4:steps=2:blocks=4",
+                "qllm_samplers.power:PowerSampler", aliases=_POWER_ALIASES, exclude=("pad_token_id",),
+                positional="alpha", kind="sequence"),
+    SamplerType("alpha", "adaptive alpha sampler; keys: AlphaSamplerConfig fields", "qllm_samplers.alpha:AlphaSampler",
+                config="qllm_samplers.alpha:AlphaSamplerConfig"),
     SamplerType("entropix", "entropix quadrant sampler; keys: EntropixConfig fields",
-                _with_config("qllm_samplers.entropix", "EntropixSampler", "EntropixConfig"),
-                _dataclass_keys("qllm_samplers.entropix", "EntropixConfig")),
-    SamplerType("pbit", "p-bit network sampler, pbit:MODE (gibbs, swap, shifted, tempering)", _pbit, (
-        Key("mode", str), Key("lam", float), Key("beta", float), Key("sweeps", int), Key("update", str),
-        Key("max_retries", int, ("retries",)), Key("replicas", int), Key("top_k", int, ("topk",)),
-        Key("top_p", float, ("topp",)), Key("fallback", str),
-    ), positional="mode"),
+                "qllm_samplers.entropix:EntropixSampler", config="qllm_samplers.entropix:EntropixConfig"),
+    SamplerType("pbit", "p-bit network sampler, pbit:MODE (gibbs, swap, shifted, tempering)",
+                "qllm_samplers.pbit.token:PBitSampler", aliases={"max_retries": ("retries",), "top_k": ("topk",),
+                                                                 "top_p": ("topp",)}, positional="mode"),
 ]}
 
 SAMPLERS = tuple(SAMPLER_TYPES)
@@ -243,12 +261,10 @@ class SamplerSpec:
                 "canonical": self.canonical}
 
     def build(self):
-        """Construct the sampler. Values are checked by the sampler itself; errors name the spec."""
+        """Construct the sampler. Values are checked by the sampler itself (its ValueError names the spec)."""
         try:
             return self.type.build(self.kwargs)
-        except ImportError as error:
-            raise ValueError(f"sampler {self.label!r} is not available: {error}") from error
-        except (TypeError, ValueError) as error:
+        except ValueError as error:
             raise ValueError(f"sampler spec {self.label!r}: {error}") from error
 
 
@@ -262,10 +278,7 @@ def parse_sampler(spec: str) -> SamplerSpec:
     if name not in SAMPLER_TYPES:
         raise ValueError(f"unknown sampler {name!r} in spec {label!r}; valid samplers: {', '.join(SAMPLERS)}")
     sampler_type = SAMPLER_TYPES[name]
-    try:
-        table = sampler_type.key_table()
-    except ImportError as error:
-        raise ValueError(f"sampler {name!r} is not available: {error}") from error
+    table = sampler_type.key_table()
     params: dict[str, Any] = {}
     for position, item in enumerate(items):
         if not item:
@@ -274,9 +287,8 @@ def parse_sampler(spec: str) -> SamplerSpec:
             key_text, _, value_text = item.partition("=")
             key = table.get(key_text.strip().lower())
             if key is None:
-                valid = sorted({k.name for k in table.values()})
                 raise ValueError(f"sampler spec {label!r}: unknown key {key_text.strip()!r} for {name!r}; valid "
-                                 f"keys: {', '.join(valid) or '(none)'}")
+                                 f"keys: {_describe_keys(table)}")
         else:
             if position != 0 or sampler_type.positional is None:
                 where = "only first" if sampler_type.positional else f"not at all ({name!r} has no main setting)"
@@ -292,6 +304,12 @@ def parse_sampler(spec: str) -> SamplerSpec:
                                                                                        "minp", "typical"):
         raise ValueError(f"sampler spec {label!r}: {name} needs a value, e.g. {name}:{_EXAMPLES[name]}")
     return SamplerSpec(label=label, name=name, params=params)
+
+
+def _describe_keys(table: dict[str, Key]) -> str:
+    """'alpha (a), block_size (block), ...': every key with its aliases, for error messages."""
+    keys = sorted({k.name: k for k in table.values()}.values(), key=lambda k: k.name)
+    return ", ".join(f"{k.name} ({', '.join(k.aliases)})" if k.aliases else k.name for k in keys) or "(none)"
 
 
 _EXAMPLES = {"temp": "0.7", "topk": "40", "topp": "0.9", "minp": "0.1", "typical": "0.9"}
