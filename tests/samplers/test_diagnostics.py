@@ -1,4 +1,4 @@
-"""Distribution metrics (TV, KL, G-test, noise floor, SampleHistogram) and MCMC diagnostics (tau, ESS, R-hat)."""
+"""Distribution metrics (TV, KL, G-test, noise floor) and MCMC diagnostics (tau, ESS, R-hat)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from qllm_evals.metrics.histogram import SampleHistogram
 from qllm_samplers.diagnostics.distribution import (
     chi_square_test,
     empirical_distribution,
@@ -106,31 +105,6 @@ def test_tv_noise_floor_matches_simulated_exact_sampler():
     assert tv_noise_floor(4 * n, probs) == pytest.approx(floor / 2, rel=1e-12)
     with pytest.raises(ValueError, match="n must be >= 1"):
         tv_noise_floor(0, probs)
-
-
-def test_sample_histogram_metric_accumulates_like_one_batch():
-    g = torch.Generator().manual_seed(4)
-    probs = _probs(16, seed=5)
-    draws = torch.multinomial(probs, 3000, replacement=True, generator=g)
-    metric = SampleHistogram(probs)
-    for chunk in draws.split(700):
-        metric.update(chunk)
-    metric.update(torch.tensor([-1, -1, 16]))  # "no one-hot state" sentinels and an out-of-range id
-    metric.update(torch.tensor([3, 4]), valid=torch.tensor([False, True]))
-    result = metric.compute()
-    counts = torch.bincount(torch.cat([draws, torch.tensor([4])]), minlength=16)
-    assert int(result["n"]) == 3001
-    assert float(result["invalid_rate"]) == pytest.approx(4 / 3005)
-    assert float(result["tv"]) == pytest.approx(float(total_variation(counts / counts.sum(), probs)))
-    assert float(result["p_value"]) == pytest.approx(g_test(counts, probs)[1])
-    assert float(result["noise_floor"]) == pytest.approx(tv_noise_floor(3001, probs))
-    # Two metrics merged (what DDP's sum reduction does) equal one metric that saw everything.
-    first, second = SampleHistogram(probs), SampleHistogram(probs)
-    first.update(draws[:1000])
-    second.update(draws[1000:])
-    first.merge_state(second)
-    assert float(first.compute()["tv"]) == pytest.approx(float(total_variation(empirical_distribution(draws, 16),
-                                                                                probs)))
 
 
 # ----------------------------------------------------------------------------------------- MCMC

@@ -6,3 +6,5 @@ from .tokenizer import ByteTokenizer
 
 __all__ = ["QLLM", "QLLMConfig", "QLLMCache", "QLLMOutput", "PhaseRotator", "CausalSelfAttention",
            "ByteTokenizer"]
+
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)

@@ -23,3 +23,5 @@ __all__ = [
     "GenerateOutput", "generate", "PBitNetwork", "PBitSampler", "PowerSampleOutput", "PowerSampler", "RowRNG",
     "MinP", "RepetitionPenalty", "Temperature", "TopK", "TopP", "Typical",
 ]
+
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
