@@ -114,7 +114,7 @@ def time_samplers(model, ids, mask, batch: int, args) -> dict:
                            attention_mask=mask, generator=[s + 1000 * repeat for s in seeds])
             cpu_per_step[name].append((time.process_time() - cpu_start) / out.logprobs.shape[1])
             per_step[name].append(out.seconds / out.logprobs.shape[1])
-            stats.setdefault(name, []).append({**out.stats, "forward_tokens": out.forward_tokens})
+            stats.setdefault(name, []).append({**out.stats, "forward_tokens": int(out.forward_tokens.sum())})
     plain = statistics.median(per_step["plain"])
     plain_cpu = statistics.median(cpu_per_step["plain"])
     result = {}
@@ -145,7 +145,7 @@ def frequencies(model, prompt_ids, eos, pad_id: int, args, samplers: dict) -> di
             out = generate(model, ids, sampler=make(), max_new_tokens=args.freq_new_tokens,
                            attention_mask=mask, eos_token_id=eos,
                            generator=[1000 * index + row for row in range(len(chunk))])
-            for key, value in {**out.stats, "forward_tokens": out.forward_tokens}.items():
+            for key, value in {**out.stats, "forward_tokens": int(out.forward_tokens.sum())}.items():
                 if isinstance(value, dict):
                     bucket = merged.setdefault(key, {})
                     for k, v in value.items():

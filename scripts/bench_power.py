@@ -131,9 +131,10 @@ def bench_model(name: str, args) -> dict:
             rows[key].append({"seconds_per_sample": out.seconds / batch,
                               "cpu_seconds_per_sample": (time.process_time() - cpu_start) / batch,
                               "forward_per_output": float(out.forward_tokens.sum() / out.lengths.sum()),
-                              "batch_forward_per_output": out.batch_forward_tokens / float(out.lengths.sum()),
+                              "batch_forward_per_output": out.stats["batch_forward_tokens"] / float(out.lengths.sum()),
                               "output_tokens": float(out.lengths.float().mean()),
-                              "acceptance": float(out.accepted.sum() / out.proposed.sum().clamp(min=1))})
+                              "acceptance": float(out.stats["accepted"].sum()
+                                                  / out.stats["proposed"].sum().clamp(min=1))})
     summary = {key: {metric: statistics.median(r[metric] for r in runs) for metric in runs[0]}
                for key, runs in rows.items()}
     ref_s = summary["reference_b1"]["seconds_per_sample"]

@@ -222,7 +222,7 @@ def part_h3(args, out_dir: Path) -> dict:
             out = PowerSampler(alpha=args.alpha, mcmc_steps=args.h3_steps, num_blocks=args.h3_blocks).generate(
                 model, ids, args.h3_max_new_tokens, attention_mask=mask, eos_token_id=eos, generator=seeds)
             log_p = out.log_p.tolist()
-            extra = {"acceptance": float(out.accepted.sum() / out.proposed.sum()),
+            extra = {"acceptance": float(out.stats["accepted"].sum() / out.stats["proposed"].sum()),
                      "forward_tokens_per_output_token": float(out.forward_tokens.sum() / out.lengths.sum())}
         else:
             out = generate(model, ids, sampler=greedy if name == "greedy" else low_temperature,

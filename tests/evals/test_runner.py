@@ -1,15 +1,18 @@
-"""The evaluation loop on a tiny random model: records, resume after a kill, refusal of mixed runs, shards."""
+"""The evaluation loop on a tiny random model: records, resume after a kill, refusal of mixed runs, shards, the
+run-directory lock, the model's identity, corrupt samples files, and the command line's errors."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from qllm_evals import runner
+from qllm_evals import models, runner
+from qllm_evals.errors import ConfigError
 from qllm_evals.report import bootstrap_interval, markdown_table, summarize
 from qllm_evals.runner import EvalConfig, merge, parse_shard, read_records, row_seed, run_eval
 from qllm_evals.tasks.base import Problem
@@ -93,17 +96,17 @@ def test_a_run_writes_records_summary_table_and_chart(full_run):
     # the same (seed, problem) row seed for every sampler
     seeds = {(r["seed"], r["problem_id"]): r["row_seed"] for r in records if r["sampler"] == "temp:0.8"}
     assert all(r["row_seed"] == seeds[(r["seed"], r["problem_id"])] for r in records if r["sampler"] != "greedy")
-    assert all(r["stats"]["mh_proposed"] >= 1 for r in records if r["sampler"].startswith("power"))
+    assert all(r["stats"]["proposed"] >= 1 for r in records if r["sampler"].startswith("power"))
     summary = json.loads((run_dir / "summary.json").read_text())
     for row in summary["samplers"]:
         mine = [r for r in records if r["sampler"] == row["sampler"]]
         assert row["accuracy"] == pytest.approx(sum(r["correct"] for r in mine) / len(mine))
         assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
         assert row["new_tokens_per_sample"] == pytest.approx(sum(r["new_tokens"] for r in mine) / len(mine))
-    assert "pass@2" in summary["samplers"][1]
+    assert summary["samplers"][1]["pass_at_k"]["k"] == 2
     power = [r for r in records if r["sampler"].startswith("power")]
     assert summary["samplers"][2]["mh_acceptance"] == pytest.approx(
-        sum(r["stats"]["mh_accepted"] for r in power) / sum(r["stats"]["mh_proposed"] for r in power))
+        sum(r["stats"]["accepted"] for r in power) / sum(r["stats"]["proposed"] for r in power))
     table = (run_dir / "results.md").read_text()
     assert all(f"`{s}`" in table for s in SAMPLERS) and "95% CI" in table and "L1" in table
     assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
@@ -125,14 +128,14 @@ def test_a_killed_run_resumes_without_recomputing(tiny, tmp_path, monkeypatch):
     path.write_text("".join(lines[:13]) + lines[13][: len(lines[13]) // 2])
     (result["run_dir"] / "summary.json").unlink()
     generated = []
-    real = runner.generate_batch
+    real = runner.decode_batch
 
     def counting(*args, **kwargs):
         rows = real(*args, **kwargs)
         generated.append(len(rows))
         return rows
 
-    monkeypatch.setattr(runner, "generate_batch", counting)
+    monkeypatch.setattr(runner, "decode_batch", counting)
     resumed = run(tiny, tmp_path, name="killed", samplers=FAST)
     assert sum(generated) == 18 - 13
     assert completions(resumed["run_dir"]) == reference
@@ -177,7 +180,7 @@ def test_helpers():
     assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)
     low, high = bootstrap_interval([0.0] * 5 + [1.0] * 5)
     assert 0.1 <= low < 0.5 < high <= 0.9
-    with pytest.raises(ValueError, match="seeds must be"):
+    with pytest.raises(ValueError, match="seeds: must be"):
         EvalConfig(model="m", task="t", samplers=["greedy"], seeds=[0, 0])
     with pytest.raises(ValueError, match="unknown task 'nope'; valid tasks: arith"):
         run_eval(EvalConfig(model="m", task="nope", samplers=["greedy"]), Path("/nonexistent"), progress=False)
@@ -206,7 +209,7 @@ def test_cli_refuses_bad_specs_before_loading_a_model(tmp_path):
     script = _eval_script()
     with pytest.raises(SystemExit, match=r"unknown sampler 'nucleus'.*valid samplers: greedy"):
         script.main(["--samplers", "greedy,nucleus", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"shard I/N needs N >= 1 and 0 <= I < N"):
+    with pytest.raises(SystemExit, match=r"--shard: I/N needs N >= 1 and 0 <= I < N"):
         script.main(["--shard", "2/2", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
 
@@ -223,3 +226,165 @@ def test_cli_end_to_end_with_smollm2(tmp_path, capsys):
     assert "results:" in capsys.readouterr().out
     assert script.main(args) == 0  # rerun: everything is on disk, nothing to generate
     assert len(read_records(tmp_path / "smoke")) == 4
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+
+def test_a_second_process_on_the_same_shard_is_refused(tiny, tmp_path):
+    config = EvalConfig(model="tiny-gpt2", task="parity", samplers=["greedy"], n=2, seeds=[0, 1])
+    plan = runner.plan_run(config, tmp_path, name="locked", task=ParityTask(), model_given=True)
+    with runner.lock_shard(plan.run_dir, (0, 1)):  # flock: a second open file description conflicts, as another
+        with pytest.raises(ConfigError, match=r"is being written by pid \d+ on .*; refusing to write it twice"):
+            run(tiny, tmp_path, name="locked", samplers=["greedy"], n=2)  # process's would
+        run(tiny, tmp_path, name="locked", samplers=["greedy"], n=2, shard="1/2")  # another shard may run
+    assert run(tiny, tmp_path, name="locked", samplers=["greedy"], n=2)["summary"] is not None  # lock released
+
+
+def test_swapped_weights_at_the_same_path_are_refused(tiny, tmp_path):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    (weights / "model.safetensors").write_bytes(bytes(range(256)) * 20_000)  # 5 MB: first and last MiB hashed
+    model, tokenizer = tiny
+    config = EvalConfig(model=str(weights), task="parity", samplers=["greedy"], n=2)
+
+    def go():
+        return run_eval(config, tmp_path / "runs", name="w", model=model, tokenizer=tokenizer, task=ParityTask(),
+                        progress=False, chart=False, log=lambda *_: None)
+
+    go()
+    saved = json.loads((tmp_path / "runs" / "w" / "config.json").read_text())["model_identity"]
+    assert saved["kind"] == "directory" and saved["files"][0]["size"] == 5_120_000
+    data = bytearray((weights / "model.safetensors").read_bytes())
+    data[-10] ^= 1  # same size, same first MiB: only the last MiB differs
+    (weights / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"different configuration.*model_identity"):
+        go()
+
+
+def test_model_identity_of_files_and_names(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x" * 100)
+    first = models.model_identity(str(gguf))
+    assert first == {"kind": "file", "file": "m.gguf", "size": 100, "sha256_first_last_mib": first[
+        "sha256_first_last_mib"]}
+    gguf.write_bytes(b"y" * 100)
+    assert models.model_identity(str(gguf)) != first
+    assert models.model_identity("someone/some-model", offline=True) == {"kind": "hub", "name": "someone/some-model",
+                                                                         "revision": None}
+    with pytest.raises(ConfigError, match=r"model: .*/nope.gguf does not exist"):
+        models.model_identity(str(tmp_path / "nope.gguf"))
+
+
+@pytest.mark.parametrize("line, message, a_cut_write", [
+    (b'{"sampler": "greedy"', r"samples.jsonl:2: corrupt record", True),
+    (b'{"sampler": "gr\xffedy"}', r"samples.jsonl:2: not UTF-8 \(byte 15", True),
+    (b'[1, 2]', r"samples.jsonl:2: expected a JSON object \(one sample\), got list", False),
+    (b'{"sampler": "greedy"}', r"samples.jsonl:2: record has no 'sampler_id'", False),
+])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, line, message, a_cut_write):
+    good = {"sampler": "greedy", "sampler_id": "greedy", "seed": 0, "problem_id": "p", "completion": "x",
+            "correct": True, "new_tokens": 1, "seconds": 0.1, "stopped": True}
+    (tmp_path / "samples.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match=message):
+        read_records(tmp_path)
+    (tmp_path / "samples.jsonl").write_bytes(json.dumps({**good, "seed": "0"}).encode() + b"\n")
+    with pytest.raises(ValueError, match=r"samples.jsonl:1: 'seed' must be int, got '0'"):
+        read_records(tmp_path)
+    if a_cut_write:  # as the last line, without its newline, it is what a kill during a write leaves: dropped
+        (tmp_path / "samples.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + line)
+        assert len(read_records(tmp_path)) == 1
+
+
+def test_every_sampler_kind_reports_progress_per_model_call(tiny):
+    from qllm_samplers.generate import generate
+    from qllm_samplers.specs import parse_sampler
+
+    model, tokenizer = tiny
+    ids = torch.tensor([tokenizer("Count: 0 1 2")["input_ids"]] * 2)
+    calls = []
+    for spec in ("temp:0.8", "power:alpha=2:steps=1:blocks=2", "power-smc:alpha=2:particles=2"):
+        calls.clear()
+        with runner.count_model_calls(model, lambda: calls.append(1)):
+            out = generate(model, ids, sampler=parse_sampler(spec).build(), max_new_tokens=6, generator=[0, 1])
+        assert len(calls) == out.model_calls >= 6, spec  # one tick per forward call: per token, per MH proposal
+    calls.clear()
+    generate(model, ids, sampler=parse_sampler("greedy").build(), max_new_tokens=3)  # outside the context
+    assert calls == []  # the hook is removed afterwards
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture
+def tiny_cli(tiny, monkeypatch, tmp_path):
+    """scripts/eval.py with the tiny model standing in for SmolLM2 (the arith task, raw prompts)."""
+    monkeypatch.setattr(models, "load_causal_lm", lambda *args, **kwargs: tiny)
+    script = _eval_script()
+    base = ["--n", "2", "--seeds", "0", "--samplers", "greedy,temp:0.5", "--max-new-tokens", "4", "--batch-size",
+            "1", "--out", str(tmp_path), "--name", "cli", "--no-progress", "--offline"]
+    return script, base
+
+
+def test_cli_ctrl_c_says_how_to_resume_and_the_rerun_finishes(tiny_cli, tmp_path, monkeypatch, capsys):
+    script, base = tiny_cli
+    real, batches = runner.decode_batch, []
+
+    def interrupted(*args, **kwargs):
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        batches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode_batch", interrupted)
+    assert script.main(base) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: finished batches are saved in" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err and len(read_records(tmp_path / "cli")) == 2
+    monkeypatch.setattr(runner, "decode_batch", real)
+    assert script.main(base) == 0
+    assert len(read_records(tmp_path / "cli")) == 4
+    out = capsys.readouterr().out
+    assert "2 already done, 2 to go" in out and "Paired against `greedy`" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampelrs", "greedy"], None),
+    (["--task-option", "levels=1,2"], r"--task-option 'levels=1,2': the value of levels .* must be JSON, e\.g\. "
+                                      r"levels=\[1,2\]"),
+    (["--task-option", "nope=1"], r"--task-option: unknown option\(s\) nope for task 'arith'"),
+    (["--model", "no-such-model"], r"--model: 'no-such-model' is not a local path or a known short name.*offline"),
+    (["--data-dir", "/nonexistent/data"], r"--data-dir: /nonexistent/data is not a directory"),
+    (["--n", "-3"], r"--n: must be an int >= 1"),
+    (["--unsafe-no-sandbox"], r"--unsafe-no-sandbox applies to tasks that run model-written code"),
+])
+def test_cli_errors_name_the_flag_before_any_model_loads(tiny_cli, tmp_path, monkeypatch, capsys, args, message):
+    script, base = tiny_cli
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as error:
+        script.main(base + args)
+    if message is None:  # argparse: exit status 2 and a suggestion
+        assert error.value.code == 2 and "did you mean --samplers?" in capsys.readouterr().err
+    else:
+        assert re.search(message, str(error.value.code)), error.value.code
+        assert not (tmp_path / "cli" / "samples.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_device_cuda_without_cuda_fails_before_anything_loads(tiny_cli, tmp_path, monkeypatch):
+    script, base = tiny_cli
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=r"--device: 'cuda' was asked for, but CUDA is not available"):
+        script.main(base + ["--device", "cuda"])
+    assert not (tmp_path / "cli").exists()
+
+
+def test_sequence_samplers_go_through_the_same_path_and_keep_their_stats(tiny, tmp_path):
+    result = run(tiny, tmp_path, name="smc", samplers=["greedy", "power-smc:alpha=2:particles=2"], seeds=(0,), n=3)
+    records = [r for r in read_records(result["run_dir"]) if r["sampler"].startswith("power-smc")]
+    assert len(records) == 3 and result["summary"]["complete"]
+    for r in records:
+        assert r["stats"]["particles"] == 2 and r["stats"]["resamples"] >= 0
+        assert isinstance(r["stats"]["ess"], list) and r["stats"]["forward_tokens"] > 0
+        assert r["stats"]["log_p"] <= 0

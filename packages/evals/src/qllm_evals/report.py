@@ -1,17 +1,22 @@
-"""Summaries of an evaluation run: accuracy with bootstrap intervals, cost per sample, a markdown table, a chart.
+"""Summaries of an evaluation run: accuracy with bootstrap intervals, paired comparisons, cost, a table, a chart.
 
 Everything here reads the per-sample records only, so it works the same on one finished run, a partial run, or
-the merged shards of a distributed one.
+the merged shards of a distributed one. The unit of evidence is the problem: a problem's seeds are averaged
+first (they are not independent evidence about a sampler), and every interval resamples problems.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from qllm_evals.passk import pass_at_k
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -32,137 +37,254 @@ def bootstrap_interval(per_problem: list[float], *, level: float = 0.95, resampl
     return float(low), float(high)
 
 
+def sign_test_p_value(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: P(a split at least this uneven) under Binomial(wins + losses, 1/2).
+
+    On paired binary outcomes (one seed per problem) this is the exact McNemar test, the discordant pairs being
+    the wins and losses. Ties carry no evidence about the direction and are left out, as both tests do.
+    """
+    for name, value in (("wins", wins), ("losses", losses)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    trials = wins + losses
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**trials)  # exact integers until the one division
+
+
+def paired_comparison(baseline: dict[str, float], other: dict[str, float], *,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """``other`` minus ``baseline`` on the problems both have (per-problem scores, seeds averaged).
+
+    The interval is the paired bootstrap: problems are resampled and both samplers keep their own score on each
+    drawn problem, so the between-problem spread, shared by both, cancels out of the difference.
+    """
+    common = sorted(set(baseline) & set(other))
+    differences = [other[key] - baseline[key] for key in common]
+    wins = sum(d > 0 for d in differences)
+    losses = sum(d < 0 for d in differences)
+    low, high = bootstrap_interval(differences, resamples=resamples, seed=seed)
+    return {
+        "problems": len(common),
+        "difference": float(np.mean(differences)) if differences else math.nan,
+        "ci95": [low, high],
+        "better": wins, "worse": losses, "tied": len(common) - wins - losses,
+        "sign_test_p": sign_test_p_value(wins, losses),
+    }
+
+
+def _per_problem_scores(items: list[dict]) -> dict[str, float]:
+    outcomes: dict[str, list[bool]] = defaultdict(list)
+    for item in items:
+        outcomes[item["problem_id"]].append(bool(item["correct"]))
+    return {key: sum(v) / len(v) for key, v in outcomes.items()}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan
+
+
 def summarize(records: list[dict], sampler_order: list[str], expected: dict[str, int] | None = None) -> dict:
-    """Per-sampler statistics from the per-sample records (keyed by the sampler's canonical id).
+    """Per-sampler statistics from the per-sample records (keyed by the sampler's canonical id), and each
+    sampler paired against the first one.
 
     ``expected``: the number of samples each sampler should have; a sampler with fewer is marked incomplete.
+    Accuracy is the mean of the per-problem scores (seeds averaged first): the quantity the interval is about,
+    so it always lies inside it, also when some problems have fewer seeds than others (an incomplete run).
     """
-    from qllm_evals.passk import pass_at_k
-
     by_sampler: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_sampler[record["sampler_id"]].append(record)
-    rows = []
+    rows, scores = [], {}
     for sampler_id in sampler_order:
         items = by_sampler.get(sampler_id, [])
         label = items[0]["sampler"] if items else sampler_id
-        per_problem: dict[str, list[bool]] = defaultdict(list)
+        scores[sampler_id] = per_problem = _per_problem_scores(items)
         per_seed: dict[int, list[bool]] = defaultdict(list)
-        per_level: dict[str, list[bool]] = defaultdict(list)
+        per_level: dict[str, list[dict]] = defaultdict(list)
         for item in items:
-            per_problem[item["problem_id"]].append(bool(item["correct"]))
             per_seed[item["seed"]].append(bool(item["correct"]))
             if "level" in item.get("meta", {}):
-                per_level[str(item["meta"]["level"])].append(bool(item["correct"]))
-        problem_scores = [sum(v) / len(v) for v in per_problem.values()]
-        low, high = bootstrap_interval(problem_scores)
+                per_level[str(item["meta"]["level"])].append(item)
+        level_scores = {level: _per_problem_scores(group) for level, group in per_level.items()}
         tokens = sum(item["new_tokens"] for item in items)
         seconds = sum(item["seconds"] for item in items)
-        seeds_per_problem = min((len(v) for v in per_problem.values()), default=0)
         row = {
             "sampler": label,
             "sampler_id": sampler_id,
             "samples": len(items),
             "problems": len(per_problem),
             "seeds": sorted(per_seed),
-            "accuracy": float(np.mean([item["correct"] for item in items])) if items else math.nan,
-            "ci95": [low, high],
+            "accuracy": _mean(per_problem.values()),
+            "ci95": list(bootstrap_interval(list(per_problem.values()))),
             "accuracy_per_seed": {str(s): sum(v) / len(v) for s, v in sorted(per_seed.items())},
-            "accuracy_per_level": {k: sum(v) / len(v) for k, v in sorted(per_level.items(), key=lambda kv: kv[0])},
+            "accuracy_per_level": {k: _mean(v.values()) for k, v in sorted(level_scores.items(), key=_level_key)},
+            "ci95_per_level": {k: list(bootstrap_interval(list(v.values())))
+                               for k, v in sorted(level_scores.items(), key=_level_key)},
             "new_tokens_per_sample": tokens / len(items) if items else math.nan,
             "seconds_per_sample": seconds / len(items) if items else math.nan,
             "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
-            "stopped_fraction": float(np.mean([item["stopped"] for item in items])) if items else math.nan,
+            "stopped_fraction": _mean(item["stopped"] for item in items),
             "complete": expected is None or len(items) >= expected.get(sampler_id, 0),
         }
-        proposed = sum(item.get("stats", {}).get("mh_proposed", 0) for item in items)
-        if proposed:  # power sampling: how often the Metropolis-Hastings moves were accepted
-            row["mh_acceptance"] = sum(item["stats"].get("mh_accepted", 0) for item in items) / proposed
-        if seeds_per_problem > 1:  # unbiased pass@k over the seeds of each problem (Codex paper estimator)
-            row[f"pass@{seeds_per_problem}"] = float(np.mean([
-                pass_at_k(len(v), sum(v), seeds_per_problem) for v in per_problem.values()]))
+        proposed = sum(item.get("stats", {}).get("proposed", 0) for item in items)
+        if proposed:  # Metropolis-Hastings samplers report their moves: how often one was accepted
+            row["mh_acceptance"] = sum(item["stats"].get("accepted", 0) for item in items) / proposed
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # problem -> [samples, correct]
+        for item in items:
+            counts[item["problem_id"]][0] += 1
+            counts[item["problem_id"]][1] += bool(item["correct"])
+        k = min((n for n, _ in counts.values()), default=0)
+        if k > 1:  # unbiased pass@k over the seeds of each problem (Codex paper estimator)
+            row["pass_at_k"] = {"k": k, "value": _mean(pass_at_k(n, c, k) for n, c in counts.values())}
         rows.append(row)
+    baseline = sampler_order[0] if sampler_order else None
+    for row in rows[1:]:
+        row["paired_vs_first"] = {"against": rows[0]["sampler"],
+                                  **paired_comparison(scores[baseline], scores[row["sampler_id"]])}
     return {"samplers": rows, "complete": all(row["complete"] for row in rows)}
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _level_key(item: tuple[str, object]):
+    key = item[0]
+    return (0, int(key), key) if key.lstrip("-").isdigit() else (1, 0, key)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _p_value(p: float) -> str:
+    return "n/a" if math.isnan(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
+
+
 def markdown_table(summary: dict, title: str = "") -> str:
-    """Accuracy with 95% bootstrap intervals and cost per sample, one row per sampler."""
+    """Accuracy with 95% bootstrap intervals, pass@k, MH acceptance and cost per sample, one row per sampler;
+    then each sampler paired against the first, and accuracy per level when the task has levels."""
+    rows = summary["samplers"]
+    ks = sorted({row["pass_at_k"]["k"] for row in rows if "pass_at_k" in row})
+    has_mh = any("mh_acceptance" in row for row in rows)
     lines = [f"## {title}", ""] if title else []
-    lines += ["| sampler | accuracy | 95% CI | samples (problems x seeds) | new tokens / sample | s / sample | "
-              "tokens / s |",
-              "|---|---:|---|---:|---:|---:|---:|"]
-    for row in summary["samplers"]:
+    header = ["sampler", "accuracy", "95% CI", *(f"pass@{k}" for k in ks), *(["MH acceptance"] if has_mh else []),
+              "samples (problems x seeds)", "new tokens / sample", "s / sample", "tokens / s"]
+    lines += ["| " + " | ".join(header) + " |",
+              "|---|---:|---|" + "---:|" * (len(ks) + has_mh) + "---:|---:|---:|---:|"]
+    for row in rows:
         low, high = row["ci95"]
-        seeds = len(row["seeds"])
-        lines.append(
-            f"| `{row['sampler']}` | {_fmt(row['accuracy'])} | [{_fmt(low)}, {_fmt(high)}] | "
-            f"{row['samples']} ({row['problems']} x {seeds}) | {_fmt(row['new_tokens_per_sample'], 1)} | "
-            f"{_fmt(row['seconds_per_sample'], 2)} | {_fmt(row['tokens_per_second'], 1)} |"
-            + ("" if row["complete"] else " (incomplete)"))
-    levels = sorted({level for row in summary["samplers"] for level in row["accuracy_per_level"]}, key=int)
+        name = f"`{row['sampler']}`" + ("" if row["complete"] else " (incomplete)")
+        cells = [name, _fmt(row["accuracy"]), f"[{_fmt(low)}, {_fmt(high)}]"]
+        cells += [_fmt(row["pass_at_k"]["value"]) if row.get("pass_at_k", {}).get("k") == k else "" for k in ks]
+        if has_mh:
+            cells.append(_fmt(row["mh_acceptance"], 2) if "mh_acceptance" in row else "")
+        cells += [f"{row['samples']} ({row['problems']} x {len(row['seeds'])})",
+                  _fmt(row["new_tokens_per_sample"], 1), _fmt(row["seconds_per_sample"], 2),
+                  _fmt(row["tokens_per_second"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        lines += ["", f"Paired against `{rows[0]['sampler']}` (same problems and seeds; difference of accuracy, "
+                      f"positive = better):", "",
+                  "| sampler | difference | paired 95% CI | problems better / worse / tied | sign test p |",
+                  "|---|---:|---|---:|---:|"]
+        for row in rows[1:]:
+            paired = row["paired_vs_first"]
+            low, high = paired["ci95"]
+            lines.append(f"| `{row['sampler']}` | {_fmt(paired['difference'], 3)} | [{_fmt(low)}, {_fmt(high)}] | "
+                         f"{paired['better']} / {paired['worse']} / {paired['tied']} | "
+                         f"{_p_value(paired['sign_test_p'])} |")
+    levels = list(dict.fromkeys(level for row in rows for level in row["accuracy_per_level"]))
     if levels:
         lines += ["", "Accuracy per difficulty level:", "",
                   "| sampler | " + " | ".join(f"L{level}" for level in levels) + " |",
                   "|---|" + "---:|" * len(levels)]
-        for row in summary["samplers"]:
+        for row in rows:
             cells = [_fmt(row["accuracy_per_level"].get(level, math.nan), 2) for level in levels]
             lines.append(f"| `{row['sampler']}` | " + " | ".join(cells) + " |")
-    lines += ["", "Intervals: percentile bootstrap over problems (10,000 resamples; a problem's seeds stay "
-              "together). s / sample: batch wall time divided by the rows of the batch."]
+    lines += ["", "Intervals: percentile bootstrap over problems (10,000 resamples; a problem's seeds are averaged "
+              "and stay together). Paired: the same resampling applied to the per-problem differences; sign test: "
+              "exact two-sided binomial test on the problems where the two differ (the exact McNemar test when "
+              "each problem has one seed). s / sample: batch wall time divided by the rows of the batch."]
+    for note in summary.get("notes", []):
+        lines += ["", f"**Note:** {note}"]
     return "\n".join(lines) + "\n"
 
 
+def _wrap(label: str, width: int = 16) -> str:
+    # Specs have no spaces; break them at their ':' separators so a long one stays under its bar.
+    return "\n".join(textwrap.wrap(label.replace(":", ": "), width)).replace(": ", ":")
+
+
+def _error_bars(values: np.ndarray, intervals: list[list[float]]) -> np.ndarray:
+    low = np.array([i[0] for i in intervals], dtype=float)
+    high = np.array([i[1] for i in intervals], dtype=float)
+    return np.nan_to_num(np.vstack([np.maximum(values - low, 0), np.maximum(high - values, 0)]))
+
+
 def bar_chart(summary: dict, path: Path, title: str = "") -> Path:
-    """Accuracy per sampler with its 95% interval (and per difficulty level when the task has levels)."""
+    """Accuracy per sampler with its 95% interval (and per difficulty level, with intervals, when the task has
+    levels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = summary["samplers"]
-    levels = sorted({level for row in rows for level in row["accuracy_per_level"]}, key=int)
-    fig, axes = plt.subplots(1, 2 if levels else 1, figsize=(12 if levels else 6, 4), squeeze=False)
+    levels = list(dict.fromkeys(level for row in rows for level in row["accuracy_per_level"]))
+    width = 1.2 + 1.1 * len(rows)
+    fig, axes = plt.subplots(1, 2 if levels else 1, figsize=(width + (6 if levels else 0), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [width, 6]} if levels else None)
     ax = axes[0][0]
     x = np.arange(len(rows))
-    accuracy = np.array([row["accuracy"] for row in rows])
-    low = np.array([row["ci95"][0] for row in rows])
-    high = np.array([row["ci95"][1] for row in rows])
-    ax.bar(x, accuracy, yerr=[np.maximum(accuracy - low, 0), np.maximum(high - accuracy, 0)], capsize=4,
-           color="tab:blue")
-    ax.set_xticks(x, [row["sampler"] for row in rows], rotation=20, ha="right")
+    accuracy = np.array([row["accuracy"] for row in rows], dtype=float)
+    ax.bar(x, accuracy, yerr=_error_bars(accuracy, [row["ci95"] for row in rows]), capsize=4,
+           color=[f"C{i}" for i in range(len(rows))])
+    ax.set_xticks(x, [_wrap(row["sampler"]) for row in rows], fontsize=8)
+    ax.set_xlabel("sampler")
     ax.set_ylabel("accuracy (95% bootstrap CI)")
     ax.set_ylim(0, 1)
-    ax.set_title(title or "accuracy per sampler")
+    ax.set_title(textwrap.fill(title or "accuracy per sampler", 40), fontsize=10)
     if levels:
         ax = axes[0][1]
-        width = 0.8 / len(rows)
+        bar = 0.8 / len(rows)
         for i, row in enumerate(rows):
-            values = [row["accuracy_per_level"].get(level, np.nan) for level in levels]
-            ax.bar(np.arange(len(levels)) + i * width - 0.4 + width / 2, values, width, label=row["sampler"])
+            values = np.array([row["accuracy_per_level"].get(level, np.nan) for level in levels], dtype=float)
+            intervals = [row.get("ci95_per_level", {}).get(level, [np.nan, np.nan]) for level in levels]
+            ax.bar(np.arange(len(levels)) + i * bar - 0.4 + bar / 2, values, bar, color=f"C{i}",
+                   yerr=_error_bars(values, intervals), capsize=2, error_kw={"elinewidth": 0.8},
+                   label=_wrap(row["sampler"], 28))
         ax.set_xticks(np.arange(len(levels)), [f"L{level}" for level in levels])
-        ax.set_ylabel("accuracy")
+        ax.set_xlabel("difficulty level")
+        ax.set_ylabel("accuracy (95% bootstrap CI)")
         ax.set_ylim(0, 1)
-        ax.set_title("per difficulty level")
-        ax.legend(fontsize=8)
+        ax.set_title("per difficulty level", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    # Two shards that finish together both write the summary: each write is whole, the last one stays.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_report(run_dir: Path, config: dict, records: list[dict], expected: dict[str, int], *,
-                 chart: bool = True) -> dict:
-    """summary.json, results.md and (``chart``) accuracy.png in ``run_dir``; returns the summary."""
+                 chart: bool = True, notes: list[str] = ()) -> dict:
+    """summary.json, results.md and (``chart``) accuracy.png in ``run_dir``; returns the summary.
+
+    ``notes``: sentences a reader must see next to the numbers (e.g. that code ran without the sandbox).
+    """
     order = [s["canonical"] for s in config["samplers"]]
     summary = summarize(records, order, expected)
+    summary["notes"] = list(notes)
     summary["config"] = config
     title = f"{config['task']} / {config['model']}"
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "results.md").write_text(markdown_table(summary, title))
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_atomic(run_dir / "results.md", markdown_table(summary, title))
     if chart:
         bar_chart(summary, run_dir / "accuracy.png", title)
     return summary

@@ -1,6 +1,11 @@
-"""The ``qllm`` console script: ``qllm fit|validate|test|predict --config configs/<name>.yaml`` (LightningCLI),
-``qllm generate --ckpt PATH --prompt TEXT`` (decode with a qllm_samplers sampler) and
-``qllm plot --logdir RUN --out PNG`` (learning curves)."""
+"""The ``qllm`` console script.
+
+- ``qllm fit|validate|test|predict --config configs/<name>.yaml``: LightningCLI over ``QLLMLitModule`` and
+  ``QLLMDataModule`` (every flag: ``qllm fit --help``);
+- ``qllm generate --ckpt PATH --prompt TEXT --sampler SPEC``: decode a checkpoint with any ``qllm_samplers``
+  sampler;
+- ``qllm plot --logdir RUN --out PNG``: one training run's learning curve.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +15,45 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import BestCheckpoint, ProgressLog, ResumeCheckpoint
 from .data import QLLMDataModule
 from .lit import QLLMLitModule
+
+SUBCOMMANDS = {
+    "fit": "train (resume with --ckpt_path last)",
+    "validate": "val bits per byte of a checkpoint (--ckpt_path FILE)",
+    "test": "test bits per byte of a checkpoint (--ckpt_path FILE)",
+    "predict": "continue --data.predict_prompts with --data.predict_sampler (--ckpt_path FILE)",
+    "generate": "decode a checkpoint with any sampler spec (qllm generate --help)",
+    "plot": "plot one training run's train/val bits per byte as a PNG (qllm plot --help)",
+}
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 class QLLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # A first-class ModelCheckpoint (`--checkpoint.*`) with save_last and a fixed folder, so that
-        # `--ckpt_path last` finds the previous run's last.ckpt (a per-version folder would not).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.dirpath": "runs/qllm/checkpoints",
-            "checkpoint.save_last": True,
-            "checkpoint.monitor": "val/bpb",
-            "checkpoint.mode": "min",
-            "checkpoint.filename": "step{step}-bpb{val/bpb:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
+        # Fixed checkpoint folder (not per logger version), so that `--ckpt_path last` finds the previous run's.
+        parser.add_lightning_class_args(ResumeCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "best_checkpoint")
+        parser.add_lightning_class_args(ProgressLog, "progress")
+        parser.link_arguments("checkpoint.dirpath", "best_checkpoint.dirpath")
+        parser.set_defaults({"checkpoint.dirpath": "runs/qllm/checkpoints"})
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if str(trainer.accelerator) in GPU_ACCELERATORS and not torch.cuda.is_available():
+            raise SystemExit(f"qllm {self.subcommand}: this config asks for --trainer.accelerator "
+                             f"{trainer.accelerator} and no GPU is visible. Run it on the CPU with "
+                             "--trainer.accelerator cpu --trainer.precision 32-true (slow at this size)")
+        logger = trainer.logger
+        if self.subcommand != "fit" and isinstance(logger, dict | argparse.Namespace):
+            # Evaluations log beside the training run, never into it (`qllm plot` reads one run's curve).
+            init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+            if "version" in init_args:
+                init_args["version"] = self.subcommand
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
 
@@ -39,38 +61,60 @@ class QLLMCLI(LightningCLI):
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs/qllm",
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "runs", "name": "qllm"}},
+               "init_args": {"save_dir": "runs", "name": "qllm", "version": "fit"}},
+    "enable_progress_bar": False,  # ProgressLog prints lines instead, readable in a log file too
 }
 
 
 def generate_main(argv: Sequence[str]) -> None:
+    from qllm_samplers.specs import parse_sampler, sampler_help
+
     from .generation import generate_text
     from .lit import load_model
 
-    parser = argparse.ArgumentParser(prog="qllm generate", description="Sample text from a qllm checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="qllm generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample text from a qllm checkpoint with any sampler.\n\nsamplers (--sampler NAME[:VALUE][:KEY=VALUE...]):\n"
+                    + sampler_help())
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `qllm fit` (e.g. runs/.../last.ckpt)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="row b uses seed + b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sampler", default="temp:0.8",
+                        help="sampler spec, e.g. greedy, temp:0.8:top_k=40, topp:0.9, power:alpha=4:steps=2, "
+                             "entropix (default: temp:0.8)")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="new bytes per prompt (default: fill the model's context after the longest prompt)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt b uses seed + b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(list(argv))
-    model = load_model(args.ckpt, map_location=args.device)
-    texts = generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    try:
+        spec = parse_sampler(args.sampler)
+        model = load_model(args.ckpt, map_location=args.device)
+        texts = generate_text(model, args.prompt, sampler=spec.build(), max_new_tokens=args.max_new_tokens,
+                              seed=args.seed, budget_flag="--max_new_tokens")
+    except ValueError as error:
+        parser.error(str(error))
     for prompt, text in zip(args.prompt, texts):
-        print(f"=== {prompt!r}\n{prompt}{text}\n")
+        print(f"=== {prompt!r} ({spec.canonical})\n{prompt}{text}\n")
+
+
+def print_overview() -> None:
+    print("usage: qllm SUBCOMMAND [options]\n\nsubcommands:")
+    for name, help_text in SUBCOMMANDS.items():
+        print(f"  {name:<9} {help_text}")
+    print("\n`qllm SUBCOMMAND --help` lists a subcommand's flags, e.g. `qllm fit --help`.")
 
 
 def run_cli(args: Sequence[str] | None = None) -> QLLMCLI | None:
-    """Run a subcommand; returns the LightningCLI (its .trainer, .model, .datamodule) or None for generate."""
+    """Run a subcommand; returns the LightningCLI (its .trainer, .model, .datamodule), or None for generate/plot."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "generate":
+    if not argv or argv[0] in ("-h", "--help"):
+        print_overview()
+        return None
+    if argv[0] == "generate":
         generate_main(argv[1:])
         return None
-    if argv and argv[0] == "plot":
+    if argv[0] == "plot":
         from .curves import plot_main
 
         plot_main(argv[1:])

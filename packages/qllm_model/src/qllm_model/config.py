@@ -8,6 +8,7 @@ from typing import Literal
 from .tokenizer import ByteTokenizer
 
 PhaseMode = Literal["off", "gain", "rotation"]
+LoRAQKV = Literal["fused", "separate"]
 
 
 @dataclass
@@ -17,6 +18,11 @@ class QLLMConfig:
     - ``"gain"``: the published formula x*cos(phi) - x*sin(phi), which is a per-channel gain (cos - sin);
     - ``"rotation"``: channels paired as complex numbers (first half real, second half imaginary) and rotated;
     - ``"off"``: no rotator (a plain transformer when ``n_global_tokens`` is 0 too).
+
+    ``lora_qkv`` places the adapters of the fused q/k/v projection (``c_attn``): ``"fused"`` (ours) is one rank-r
+    adapter over its 3*d outputs; ``"separate"`` is the original qllm2's placement, one rank-r adapter each for q,
+    k and v (with ``c_proj`` = its o). The original had no adapters on the MLP: its targets are
+    ``["c_attn", "c_proj"]``.
     """
 
     vocab_size: int = ByteTokenizer.vocab_size
@@ -35,6 +41,7 @@ class QLLMConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc", "mlp_proj"])
+    lora_qkv: LoRAQKV = "fused"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -59,6 +66,8 @@ class QLLMConfig:
         need(self.lora_r >= 0, f"lora_r must be >= 0 (0 = full-rank layers only), got {self.lora_r}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.lora_qkv in ("fused", "separate"),
+             f"lora_qkv must be 'fused' or 'separate', got {self.lora_qkv!r}")
         allowed = {"c_attn", "c_proj", "c_fc", "mlp_proj"}
         unknown = set(self.lora_targets) - allowed
         need(not unknown, f"lora_targets must be a subset of {sorted(allowed)}, got unknown {sorted(unknown)}")

@@ -9,25 +9,31 @@ from pathlib import Path
 
 
 def read_scalars(logdir: str | Path, tags: Sequence[str] = ("train/bpb", "val/bpb")) -> dict[str, list[dict]]:
-    """{tag: [{"step", "value", "seconds"}]} over every event file under ``logdir`` (resumed runs included),
-    sorted by step; ``seconds`` is wall time since the first event of the run."""
+    """{tag: [{"step", "value", "seconds"}]} of one training run: the event files directly in ``logdir``.
+
+    A resumed run appends event files to the same folder (the configs fix the logger's version), and steps
+    replayed after a kill are kept from the newest file. Sub-folders (``validate``, ``test``, other runs) are not
+    read. ``seconds`` is wall time since the run's first event.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    folder = Path(logdir)
+    files = sorted(folder.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
     if not files:
-        raise ValueError(f"--logdir {logdir}: no TensorBoard event files found")
-    series: dict[str, list[dict]] = {tag: [] for tag in tags}
-    for file in files:
+        runs = sorted({str(f.parent) for f in folder.rglob("events.out.tfevents.*")})
+        hint = f"; runs under it: {', '.join(runs)}" if runs else ""
+        raise ValueError(f"--logdir {logdir}: no TensorBoard event files in this folder{hint}")
+    by_step: dict[str, dict[int, dict]] = {tag: {} for tag in tags}
+    for file in files:  # oldest first, so a replayed step keeps the resumed run's value
         events = EventAccumulator(str(file))
         events.Reload()
         for tag in tags:
             if tag in events.Tags()["scalars"]:
-                series[tag] += [{"step": e.step, "value": e.value, "wall": e.wall_time} for e in events.Scalars(tag)]
-    start = min((p["wall"] for points in series.values() for p in points), default=0.0)
-    for tag, points in series.items():
-        points.sort(key=lambda p: p["step"])
-        series[tag] = [{"step": p["step"], "value": p["value"], "seconds": p["wall"] - start} for p in points]
-    return series
+                for e in events.Scalars(tag):
+                    by_step[tag][e.step] = {"step": e.step, "value": e.value, "wall": e.wall_time}
+    start = min((p["wall"] for points in by_step.values() for p in points.values()), default=0.0)
+    return {tag: [{"step": p["step"], "value": p["value"], "seconds": p["wall"] - start}
+                  for _, p in sorted(points.items())] for tag, points in by_step.items()}
 
 
 def plot_curves(logdir: str | Path, out: str | Path, target: float | None = None, title: str | None = None) -> dict:
@@ -56,7 +62,7 @@ def plot_curves(logdir: str | Path, out: str | Path, target: float | None = None
 
 def plot_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="qllm plot", description="Plot train/val bits per byte of a run.")
-    parser.add_argument("--logdir", required=True, help="a TensorBoard run folder, e.g. runs/tiny/version_0")
+    parser.add_argument("--logdir", required=True, help="one training run's TensorBoard folder, e.g. runs/tiny/fit")
     parser.add_argument("--out", required=True, help="PNG path")
     parser.add_argument("--target", type=float, default=None, help="draw a horizontal target line")
     parser.add_argument("--json", default=None, help="also write the curves as JSON")

@@ -6,21 +6,28 @@ Sources (first match wins): ``path`` (a local text file, or a directory read rec
 - ``tinyshakespeare``: ``<data_dir>/tinyshakespeare/input.txt``, first 90% of the bytes train, last 10% val
   (nanoGPT's split). There is no held-out test split in that protocol: ``test`` reuses val unless
   ``test_fraction`` > 0 carves a separate test tail (then val is the slice before it).
-- ``wikitext2``: ``Salesforce/wikitext`` / ``wikitext-2-raw-v1`` through ``datasets`` when the hub is
-  reachable; otherwise ``<data_dir>/wikitext-2/{valid,test}.txt``. Those local files are the *tokenized*
-  WikiText-2 (with ``<unk>``), not the raw variant, and there is no train split offline, so offline
-  WikiText-2 supports ``validate``/``test`` of a model trained elsewhere and ``fit`` raises.
+- ``wikitext2``: ``<data_dir>/wikitext-2/{valid,test}.txt`` offline (the default). Those local files are the
+  *tokenized* WikiText-2 (with ``<unk>``), not the raw variant, and there is no train split offline, so
+  offline WikiText-2 supports ``validate``/``test`` of a model trained elsewhere and ``fit`` raises. With
+  ``online=True``: ``Salesforce/wikitext`` / ``wikitext-2-raw-v1`` through ``datasets``.
 
-Sequences are non-overlapping windows of ``seq_len + 1`` bytes (input = first seq_len, target = last
-seq_len). Evaluation windows cover the split exactly once (the tail window is padded with ignored targets),
-so bits per byte is over every byte of the split except its first.
+Offline or online is a setting (``--data.online``), never a network probe. ``data_dir`` is explicit, or
+``$QLLM_SHARED_DATA``; this library does not know where a repository keeps its data.
+
+Training windows are ``seq_len + 1`` bytes (input = first seq_len, target = last seq_len), either the
+non-overlapping fixed windows shuffled per epoch, or (``random_offsets=True``, nanoGPT style) windows starting
+at uniformly random byte offsets; an epoch is the number of fixed windows either way. The order is a pure
+function of (``seed``, batches consumed), so a resumed run continues with exactly the batches the uninterrupted
+run would have had (the DataModule's ``state_dict`` saves the count in every checkpoint). Evaluation windows
+cover the split exactly once (the tail window is padded with ignored targets), so bits per byte is over every
+byte of the split except its first.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -32,28 +39,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from .tokenizer import EOS_ID, ByteTokenizer
 
 IGNORE_INDEX = -100
-_REPO_ROOT = Path(__file__).resolve().parents[4]
 CORPORA = ("tinyshakespeare", "wikitext2")
+DATA_DIR_ENV = "QLLM_SHARED_DATA"
 
 
-def default_data_dir() -> Path:
-    """``$QLLM_SHARED_DATA``, else ``../shared/data`` next to the repository, else relative to the cwd."""
-    if os.environ.get("QLLM_SHARED_DATA"):
-        return Path(os.environ["QLLM_SHARED_DATA"])
-    beside_repo = _REPO_ROOT.parent / "shared" / "data"
-    return beside_repo if beside_repo.is_dir() else Path("../shared/data")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF offline mode is set or huggingface.co cannot be reached (fails fast instead of retrying)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-            return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def data_dir_from_env() -> Path | None:
+    """``$QLLM_SHARED_DATA`` as a path, or None when it is not set."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else None
 
 
 def bytes_to_tokens(data: bytes) -> torch.Tensor:
@@ -117,6 +110,89 @@ class ByteWindows(Dataset):
         return x, y
 
 
+class WindowsAt(Dataset):
+    """The ``seq_len + 1``-byte window starting at a byte offset: ``dataset[offset] -> (x, y)``.
+
+    ``len()`` is the number of non-overlapping windows, which is what one training epoch holds.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_windows = (tokens.numel() - 1) // seq_len
+        if self.num_windows == 0:
+            raise ValueError(f"seq_len={seq_len} is longer than the training split ({tokens.numel()} bytes); "
+                             "lower --data.seq_len or use a larger corpus")
+        self.max_offset = tokens.numel() - seq_len - 1  # the last start whose window fits
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.tokens[offset:offset + self.seq_len + 1].long()
+        return window[:-1], window[1:]
+
+
+class ResumableWindowSampler(DistributedSampler):
+    """Byte offsets of the training windows, in an order that depends only on ``seed`` and the batch count.
+
+    Epoch e is a permutation of the fixed windows (or, with ``random_offsets``, uniformly random offsets), drawn
+    from a generator seeded with (seed, e); rank r of ``num_replicas`` takes items r, r + world, ... and only whole
+    batches of ``batch_size`` (the last partial batch of an epoch is dropped, on every rank alike).
+    ``start_batch`` is the number of this rank's batches already trained on (from a checkpoint): the first
+    iteration continues epoch ``start_batch // batches_per_epoch`` from that batch, later iterations run the
+    following epochs whole. The epoch is counted here rather than taken from ``set_epoch`` (which Lightning calls
+    with its own epoch counter), so the order follows the batch count alone. Being a ``DistributedSampler``, it is
+    left in place by Lightning under DDP.
+    """
+
+    def __init__(self, dataset: WindowsAt, batch_size: int, seed: int = 0, random_offsets: bool = False,
+                 start_batch: int = 0, num_replicas: int | None = None, rank: int | None = None):
+        if num_replicas is None or rank is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            num_replicas = dist.get_world_size() if distributed else 1
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.windows, self.batch_size, self.random_offsets = dataset, batch_size, random_offsets
+        per_rank = len(dataset) // num_replicas
+        self.batches_per_epoch = per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"--data.batch_size={batch_size} x {num_replicas} process(es) is more than the "
+                             f"{len(dataset)} training windows of one epoch; lower --data.batch_size")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.next_epoch, self.skip_batches = divmod(start_batch, self.batches_per_epoch)
+
+    def epoch_offsets(self, epoch: int) -> torch.Tensor:
+        """All ranks' byte offsets of epoch ``epoch`` (before sharding)."""
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
+        n = len(self.windows)
+        if self.random_offsets:
+            return torch.randint(0, self.windows.max_offset + 1, (n,), generator=generator)
+        return torch.randperm(n, generator=generator) * self.windows.seq_len
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = self.next_epoch, self.skip_batches
+        self.next_epoch, self.skip_batches = epoch + 1, 0
+        mine = self.epoch_offsets(epoch)[self.rank::self.num_replicas][:self.batches_per_epoch * self.batch_size]
+        return iter(mine[skip * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the epoch follows the batch count (see the class docstring)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One predict batch: prompts and how to decode them (``qllm predict``)."""
+
+    prompts: list[str]
+    sampler: str  # a qllm_samplers.specs spec, e.g. "temp:0.8" or "power:alpha=4:steps=2"
+    max_new_tokens: int | None  # None: fill the model's context
+    seeds: list[int] = field(default_factory=list)  # one per prompt
+
+
 class StreamingByteWindows(IterableDataset):
     """Windows over a (streamed) HF dataset, sharded over DDP ranks and dataloader workers by document."""
 
@@ -159,14 +235,25 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
 
 class QLLMDataModule(L.LightningDataModule):
+    """Byte corpora for ``qllm fit/validate/test`` and the prompts (and decoding) for ``qllm predict``.
+
+    ``predict_sampler`` is a ``qllm_samplers.specs`` spec (any sampler: ``temp:0.8``, ``topk:40``,
+    ``power:alpha=4:steps=2``, ``entropix``...), ``predict_max_new_tokens`` (None: fill the context) and
+    ``predict_seed`` (prompt i uses seed + i): decoding is a property of the request, not of the model.
+    """
+
     def __init__(self, corpus: str | None = None, path: str | None = None, data_dir: str | None = None,
-                 hf_dataset: str | None = None, hf_config: str | None = None,
+                 online: bool = False, hf_dataset: str | None = None, hf_config: str | None = None,
                  hf_data_files: str | list[str] | dict[str, str] | None = None, text_column: str = "text",
                  streaming: bool = False, seq_len: int = 256, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.0, max_eval_bytes: int | None = None,
-                 predict_prompts: list[str] | None = None):
+                 test_fraction: float = 0.0, max_eval_bytes: int | None = None, seed: int = 0,
+                 random_offsets: bool = False, predict_prompts: list[str] | None = None,
+                 predict_sampler: str = "temp:0.8", predict_max_new_tokens: int | None = None,
+                 predict_seed: int = 0):
         super().__init__()
+        from qllm_samplers.specs import parse_sampler
+
         if seq_len < 1:
             raise ValueError(f"--data.seq_len must be >= 1, got {seq_len}")
         if batch_size < 1:
@@ -180,15 +267,34 @@ class QLLMDataModule(L.LightningDataModule):
                              f"got {corpus!r}")
         if max_eval_bytes is not None and max_eval_bytes < 2:
             raise ValueError(f"--data.max_eval_bytes must be >= 2 or None, got {max_eval_bytes}")
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"--data.seed must be in [0, 2**31), got {seed}")
+        if predict_max_new_tokens is not None and predict_max_new_tokens < 1:
+            raise ValueError(f"--data.predict_max_new_tokens must be >= 1 or None (fill the context), "
+                             f"got {predict_max_new_tokens}")
+        try:
+            parse_sampler(predict_sampler)
+        except ValueError as error:
+            raise ValueError(f"--data.predict_sampler: {error}") from error
         self.save_hyperparameters()
         self.corpus, self.path, self.hf_dataset = corpus, path, hf_dataset
-        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.data_dir = Path(data_dir) if data_dir else data_dir_from_env()
+        self.online = online
         self.seq_len, self.batch_size = seq_len, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.seed, self.random_offsets = seed, random_offsets
         self.predict_prompts = predict_prompts or ["ROMEO:"]
         self.splits: dict[str, torch.Tensor | None] = {}
         self.train_stream: StreamingByteWindows | None = None
+        self.train_sampler: ResumableWindowSampler | None = None
+        self._resume_state: dict = {}
+
+    def _need_data_dir(self, what: str) -> Path:
+        if self.data_dir is None:
+            raise ValueError(f"--data.corpus {self.corpus} reads {what} under a data folder: pass --data.data_dir "
+                             f"DIR or set {DATA_DIR_ENV}")
+        return self.data_dir
 
     # --- loading -----------------------------------------------------------------------------------------
     def _split_by_bytes(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,26 +306,27 @@ class QLLMDataModule(L.LightningDataModule):
         return {"train": tokens[:train_end], "val": val, "test": tokens[n - n_test:] if n_test else val}
 
     def _load_tinyshakespeare(self) -> dict[str, torch.Tensor | None]:
-        file = self.data_dir / "tinyshakespeare" / "input.txt"
+        file = self._need_data_dir("tinyshakespeare/input.txt") / "tinyshakespeare" / "input.txt"
         if not file.is_file():
             raise FileNotFoundError(
                 f"Tiny Shakespeare not found at {file}: pass --data.data_dir DIR (the folder holding "
-                "tinyshakespeare/input.txt), set QLLM_SHARED_DATA, or pass --data.path FILE")
+                f"tinyshakespeare/input.txt), set {DATA_DIR_ENV}, or pass --data.path FILE")
         return self._split_by_bytes(bytes_to_tokens(read_corpus(file)))
 
     def _load_wikitext2(self) -> dict[str, torch.Tensor | None]:
-        if hub_reachable():
+        if self.online:
             import datasets
 
             ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
             # Raw WikiText lines carry their own newlines: join without separators.
             return {name: texts_to_tokens(ds[split]["text"], separator_eos=False)
                     for name, split in (("train", "train"), ("val", "validation"), ("test", "test"))}
-        folder = self.data_dir / "wikitext-2"
+        folder = self._need_data_dir("wikitext-2/{valid,test}.txt") / "wikitext-2"
         if not (folder / "valid.txt").is_file():
             raise FileNotFoundError(
-                f"offline and no local WikiText-2 at {folder}/valid.txt: pass --data.data_dir DIR (holding "
-                "wikitext-2/{valid,test}.txt), go online, or choose another corpus with --data.path FILE")
+                f"no local WikiText-2 at {folder}/valid.txt: pass --data.data_dir DIR (holding "
+                "wikitext-2/{valid,test}.txt), --data.online true (download the raw variant), or another corpus "
+                "with --data.path FILE")
         return {"train": None, "val": bytes_to_tokens(read_corpus(folder / "valid.txt")),
                 "test": bytes_to_tokens(read_corpus(folder / "test.txt"))}
 
@@ -227,6 +334,10 @@ class QLLMDataModule(L.LightningDataModule):
         import datasets
 
         hp = self.hparams
+        if not self.online and hp.hf_data_files is None:
+            raise ValueError(f"--data.hf_dataset {hp.hf_dataset!r} comes from the hub and --data.online is false: "
+                             "pass --data.online true, or --data.hf_data_files FILES to read local files with a "
+                             "builder such as 'text' or 'json'")
         load = dict(path=hp.hf_dataset, name=hp.hf_config, data_files=hp.hf_data_files)
         column = hp.text_column
         eval_cap = hp.max_eval_bytes or 1_000_000
@@ -322,9 +433,51 @@ class QLLMDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.train_stream is not None:
             return DataLoader(self.train_stream, batch_size=self.batch_size, num_workers=self.num_workers)
-        dataset = ByteWindows(self.splits["train"], self.seq_len, pad_tail=False)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size,
+        windows = WindowsAt(self.splits["train"], self.seq_len)
+        self.train_sampler = ResumableWindowSampler(windows, self.batch_size, seed=self.seed,
+                                                    random_offsets=self.random_offsets,
+                                                    start_batch=self._resume_start_batch(windows))
+        return DataLoader(windows, batch_size=self.batch_size, sampler=self.train_sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    # --- the data order's place in a checkpoint ----------------------------------------------------------
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _order_key(self, windows: int) -> dict:
+        return {"seed": self.seed, "random_offsets": self.random_offsets, "train_windows": windows,
+                "batch_size": self.batch_size, "world_size": self._world()}
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: how many batches of the data order this process has trained on.
+
+        Lightning's own count of processed training batches is the truth at a checkpoint (it is what the
+        restored loop resumes from); the sampler's position would be ahead of it by the prefetched batches.
+        """
+        trainer = self.trainer
+        if trainer is None or self.train_sampler is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"train_batches_done": int(done), **self._order_key(len(self.train_sampler.windows))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = dict(state_dict)
+
+    def _resume_start_batch(self, windows: WindowsAt) -> int:
+        state, self._resume_state = self._resume_state, {}
+        if not state:
+            return 0
+        done = int(state["train_batches_done"])
+        saved = {k: state.get(k) for k in self._order_key(len(windows))}
+        if saved != self._order_key(len(windows)):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            # Another batch size, process count or corpus: continue at the same number of windows consumed.
+            items = done * int(saved["batch_size"] or 1) * int(saved["world_size"] or 1)
+            done = items // (self.batch_size * self._world())
+            rank_zero_warn(f"the data order cannot continue exactly (checkpoint: {saved}, now: "
+                           f"{self._order_key(len(windows))}); resuming after {items} windows")
+        return done
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -333,5 +486,11 @@ class QLLMDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        # Batches of raw prompt strings; the LightningModule tokenizes and left-pads them.
-        return DataLoader(self.predict_prompts, batch_size=self.eval_batch_size, collate_fn=list)
+        # One GenerationRequest per batch of prompts; prompt i (over all batches) uses seed + i.
+        hp, size = self.hparams, self.eval_batch_size
+        requests = [GenerationRequest(prompts=self.predict_prompts[i:i + size], sampler=hp.predict_sampler,
+                                      max_new_tokens=hp.predict_max_new_tokens,
+                                      seeds=[hp.predict_seed + j for j in range(i, i + size)
+                                             if j < len(self.predict_prompts)])
+                    for i in range(0, len(self.predict_prompts), size)]
+        return DataLoader(requests, batch_size=None)

@@ -1,5 +1,8 @@
-"""QLLM as a ``LightningModule``: LM loss + coherence loss, AdamW (decay on matrices only), warmup + cosine,
-bits per byte on val/test, and generation in ``predict``."""
+"""QLLM as a ``LightningModule``: LM loss + coherence loss, AdamW (decay on matrices only), warmup + cosine to
+the end of the training budget (steps or time), bits per byte on val/test, and generation in ``predict``.
+
+Decoding settings are not the model's: ``predict`` receives them with each batch (``GenerationRequest``, built
+by ``QLLMDataModule`` from ``--data.predict_*``)."""
 
 from __future__ import annotations
 
@@ -10,20 +13,27 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning.pytorch.callbacks import Timer
+
+from qllm_evals.metrics.bpb import BitsPerByte, nll_and_count
+
 from .config import QLLMConfig
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, GenerationRequest
 from .lora import is_lora_parameter, mark_only_lora_trainable
-from .metrics import BitsPerByte, nll_and_count
 from .model import QLLM
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
+                  time_fraction: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at the end of the budget.
+
+    The decay's progress is the larger of the step budget's (``step`` of ``total_steps``; None: no step budget)
+    and the time budget's (``time_fraction`` of ``max_time`` used), so a run stopped by either ends annealed.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr_ratio
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps) if total_steps else 0.0
+    progress = min(1.0, max(by_steps, time_fraction))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -44,9 +54,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 class QLLMLitModule(L.LightningModule):
     def __init__(self, config: QLLMConfig | None = None, lr: float = 1e-3, min_lr_ratio: float = 0.1,
                  warmup_steps: int = 100, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 lora_only: bool = False, init_from: str | None = None, max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, compile: bool = False):
+                 lora_only: bool = False, init_from: str | None = None, compile: bool = False):
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
             config = QLLMConfig.from_dict(config)
@@ -64,10 +72,6 @@ class QLLMLitModule(L.LightningModule):
                                    "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                    "betas": list(betas), "lora_only": lora_only, "init_from": init_from,
                                    "compile": compile})
-        # Decoding settings stay out of the saved hyper-parameters: LightningCLI re-applies a checkpoint's
-        # hyper-parameters over the command line, which would pin `qllm predict` to the training-time values.
-        self.generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                           "top_p": top_p, "seed": seed}
         self.config = config
         self.model = QLLM(config)
         if init_from:
@@ -141,27 +145,61 @@ class QLLMLitModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_bpb("test", self.test_bpb)
 
-    def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
+    def predict_step(self, request: GenerationRequest, batch_idx: int) -> list[str]:
         from .generation import generate_text
 
-        settings = dict(self.generation)
-        seed = settings.pop("seed")
-        per_batch = getattr(getattr(self.trainer, "datamodule", None), "eval_batch_size", len(batch))
-        first_row = batch_idx * per_batch  # row seeds continue across batches: seed + prompt index
-        texts = generate_text(self.model, batch, seed=[seed + first_row + i for i in range(len(batch))], **settings)
-        for prompt, text in zip(batch, texts):
+        texts = generate_text(self.model, request.prompts, sampler=request.sampler,
+                              max_new_tokens=request.max_new_tokens, seed=request.seeds,
+                              budget_flag="--data.predict_max_new_tokens")
+        for prompt, text in zip(request.prompts, texts):
             self.print(f"=== {prompt!r}\n{prompt}{text}\n")  # rank 0 only
         return texts
+
+    # --- the training budget -----------------------------------------------------------------------------
+    def step_budget(self) -> int | None:
+        """The run's optimizer steps (``max_steps``, else the epochs' worth), or None when unbounded."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        estimated = trainer.estimated_stepping_batches
+        return int(estimated) if math.isfinite(estimated) else None
+
+    def time_fraction(self) -> float:
+        """Share of ``--trainer.max_time`` used so far (0 without a time budget); resumes included, since
+        Lightning's Timer keeps its elapsed time in the checkpoint."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None:
+            return 0.0
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        if remaining is None or elapsed + remaining <= 0:
+            return 0.0
+        return elapsed / (elapsed + remaining)
 
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches)
-        warmup = min(hp.warmup_steps, max(total - 1, 0))
+        total = self.step_budget()
+        if total is None and not any(isinstance(c, Timer) for c in self.trainer.callbacks):
+            raise ValueError("the learning-rate schedule needs a budget: pass --trainer.max_steps N, "
+                             "--trainer.max_epochs N or --trainer.max_time DD:HH:MM:SS")
+        warmup = min(hp.warmup_steps, max(total - 1, 0)) if total else hp.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
+            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio, self.time_fraction()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- exact resume: the random state travels with the checkpoint ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["qllm_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["qllm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("qllm_rng")
+        if rng is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return  # only a resumed fit continues the random stream (dropout); loading a model does not touch it
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> QLLM:

@@ -2,6 +2,9 @@
 
 W x + (alpha / r) * B A x with A [r, in] Kaiming-initialised and B [out, r] zero-initialised, so an adapter
 starts as an exact no-op and the fine-tune begins from the pretrained function.
+
+``splits=S`` gives each of S equal slices of the output its own rank-r adapter (A [S*r, in], B [out, r] read as S
+blocks [out/S, r]): a fused q/k/v projection with separate q, k and v adapters, as the original qllm2 had.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ class LoRALinear(nn.Linear):
     """An ``nn.Linear`` (same ``weight``/``bias`` names, so full-rank checkpoints load into it) plus an adapter."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int, alpha: float,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, splits: int = 1):
         super().__init__(in_features, out_features, bias=bias)
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        if splits < 1 or out_features % splits:
+            raise ValueError(f"LoRA splits must be >= 1 and divide out_features={out_features}, got {splits}")
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.splits = splits
+        self.lora_A = nn.Parameter(torch.empty(splits * r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A buffer rather than a bool so a checkpoint of a merged layer is not merged a second time on load.
@@ -36,12 +42,23 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        if self.splits == 1:
+            return (self.lora_B @ self.lora_A) * self.scaling
+        blocks_B = self.lora_B.view(self.splits, -1, self.r)  # [S, out/S, r]
+        blocks_A = self.lora_A.view(self.splits, self.r, -1)  # [S, r, in]
+        return (blocks_B @ blocks_A).reshape(self.out_features, self.in_features) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if not bool(self.lora_merged):
-            out = out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            low = F.linear(self.lora_dropout(x), self.lora_A)  # [..., S*r]
+            if self.splits == 1:
+                update = F.linear(low, self.lora_B)
+            else:  # slice s of the output reads only its own r columns of the low-rank code
+                low = low.unflatten(-1, (self.splits, self.r))
+                update = torch.einsum("...sr,sor->...so", low, self.lora_B.view(self.splits, -1, self.r))
+                update = update.flatten(-2)
+            out = out + update * self.scaling
         return out
 
     @torch.no_grad()
@@ -68,7 +85,7 @@ class LoRALinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, splits={self.splits}"
 
 
 def is_lora_parameter(name: str) -> bool:

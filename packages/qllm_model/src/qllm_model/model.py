@@ -120,10 +120,10 @@ class PhaseRotator(nn.Module):
         return smooth + 0.1 * (self.phase**2).mean()
 
 
-def _linear(config: QLLMConfig, name: str, fan_in: int, fan_out: int) -> nn.Linear:
+def _linear(config: QLLMConfig, name: str, fan_in: int, fan_out: int, splits: int = 1) -> nn.Linear:
     if config.lora_r > 0 and name in config.lora_targets:
         return LoRALinear(fan_in, fan_out, bias=config.bias, r=config.lora_r, alpha=config.lora_alpha,
-                          dropout=config.lora_dropout)
+                          dropout=config.lora_dropout, splits=splits)
     return nn.Linear(fan_in, fan_out, bias=config.bias)
 
 
@@ -134,6 +134,10 @@ class CausalSelfAttention(nn.Module):
     ``last_query_probs`` [B, H, K], the softmax weights of the newest query over all K keys in the cache
     (the first ``n_memory_keys`` are the global memory tokens; masked keys are exactly 0). Only that one row
     is computed explicitly; the main path stays on SDPA.
+
+    Two entry points: ``forward`` (tokens [B, T, C] against the cache and an optional explicit mask: decoding and
+    left-padded prompts) and ``forward_rows`` (memory and tokens as one row matrix, the training path: see
+    ``QLLM._forward_with_memory``).
     """
 
     def __init__(self, config: QLLMConfig):
@@ -141,7 +145,9 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.d_model // config.n_heads
         self.n_memory_keys = config.n_global_tokens
-        self.c_attn = _linear(config, "c_attn", config.d_model, 3 * config.d_model)
+        # lora_qkv="separate": one adapter each for q, k and v (the original qllm2's q/k/v LoRALinear layers).
+        self.c_attn = _linear(config, "c_attn", config.d_model, 3 * config.d_model,
+                              splits=3 if config.lora_qkv == "separate" else 1)
         self.c_proj = _linear(config, "c_proj", config.d_model, config.d_model)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -161,6 +167,35 @@ class CausalSelfAttention(nn.Module):
             self.last_query_probs = self._last_query_probs(q, k, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def forward_rows(self, rows: torch.Tensor, batch: int, n_memory: int, cache: QLLMCache | None,
+                     layer: int) -> torch.Tensor:
+        """``rows`` [M + B*T, C]: the M memory tokens, then every row's T tokens. Returns the block's attention
+        output in the same layout.
+
+        The projections run once over all rows (one matmul, not a batch-1 one for the memory and another for the
+        tokens). The memory keys/values are broadcast to every row and each row attends over [memory | tokens]
+        with the memory queries in front, so one causal SDPA call (its fast path) computes exactly the pattern:
+        memory query j sees memory 0..j; token i sees all memory and tokens 0..i. The memory outputs of row 0 are
+        kept (every row computes the same ones).
+        """
+        C, H, Dh, M = rows.shape[1], self.n_heads, self.head_dim, n_memory
+        T = (rows.shape[0] - M) // batch
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [M + B*T, C] -> [B, H, M + T, Dh]
+            memory = t[:M].view(1, M, H, Dh).transpose(1, 2).expand(batch, -1, -1, -1)
+            return torch.cat([memory, t[M:].view(batch, T, H, Dh).transpose(1, 2)], dim=2)
+
+        q, k, v = (heads(t) for t in self.c_attn(rows).split(C, dim=1))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.capture_last_query_probs:
+            self.last_query_probs = self._last_query_probs(q, k, None)
+        y_memory = y[0, :, :M].transpose(0, 1).reshape(M, C)
+        y_tokens = y[:, :, M:].transpose(1, 2).reshape(batch * T, C)
+        return self.resid_dropout(self.c_proj(torch.cat([y_memory, y_tokens])))
 
     @torch.no_grad()
     def _last_query_probs(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -195,6 +230,12 @@ class Block(nn.Module):
     def forward(self, x, mask, is_causal, cache, layer):
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_rows(self, rows: torch.Tensor, batch: int, n_memory: int, cache: QLLMCache | None,
+                     layer: int) -> torch.Tensor:
+        """The same block on [memory rows; token rows] (see ``CausalSelfAttention.forward_rows``)."""
+        rows = rows + self.attn.forward_rows(self.ln_1(rows), batch, n_memory, cache, layer)
+        return rows + self.mlp(self.ln_2(rows))
 
 
 class QLLM(nn.Module):
@@ -265,13 +306,14 @@ class QLLM(nn.Module):
     def _build_mask(self, attention_mask: torch.Tensor | None, batch: int, n_new: int, n_keys: int,
                     device: torch.device) -> tuple[torch.Tensor | None, bool]:
         """A boolean SDPA mask [B or 1, 1, Q, K] (True = may attend), or (None, is_causal) when none is needed.
+        ``attention_mask`` is given only when it holds padding.
 
         Query i of this call sits at absolute index n_keys - Q + i. It sees memory keys and valid
         (unpadded) keys up to itself; it always sees itself so that a padded query never has an empty
         row (its output is garbage, but no real token ever reads it).
         """
         offset = n_keys - n_new
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        padded = attention_mask is not None  # the caller passes the mask only when it holds padding
         if not padded:
             if offset == 0:
                 return None, n_new > 1
@@ -318,11 +360,27 @@ class QLLM(nn.Module):
             x = self.phase(x)
         x = self.drop(x)
         n_memory = self.config.n_global_tokens
-        if n_memory and not (cache is not None and cache.has_memory):
-            cache = self._prefill_memory(B, x.dtype, cache)
-        n_keys = n_memory + past + T
-        mask, is_causal = self._build_mask(attention_mask, B, T, n_keys, device)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, mask, is_causal, cache, layer)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if n_memory and past == 0 and not padded and not (cache is not None and cache.has_memory):
+            x = self._forward_with_memory(x, cache)
+        else:
+            if n_memory and not (cache is not None and cache.has_memory):
+                cache = self._prefill_memory(B, x.dtype, cache)
+            n_keys = n_memory + past + T
+            mask, is_causal = self._build_mask(attention_mask if padded else None, B, T, n_keys, device)
+            for layer, block in enumerate(self.blocks):
+                x = block(x, mask, is_causal, cache, layer)
         logits = self.lm_head(self.ln_f(x))
         return QLLMOutput(logits=logits, past_key_values=cache if use_cache else None)
+
+    def _forward_with_memory(self, x: torch.Tensor, cache: QLLMCache | None) -> torch.Tensor:
+        """Training (and unpadded prefill) path: memory tokens and the batch's tokens go through every block as
+        one row matrix [M + B*T, C], so each linear layer is one matmul and attention stays on SDPA's causal fast
+        path (no explicit mask). Same function as the memory prefill + explicit mask path, up to float rounding
+        (tested against a transcription of the original)."""
+        B, T, C = x.shape
+        M = self.config.n_global_tokens
+        rows = torch.cat([self.drop(self.global_tokens.to(x.dtype)), x.reshape(B * T, C)])
+        for layer, block in enumerate(self.blocks):
+            rows = block.forward_rows(rows, B, M, cache, layer)
+        return rows[M:].view(B, T, C)

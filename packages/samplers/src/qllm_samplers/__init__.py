@@ -11,16 +11,18 @@ from .alpha import (
 )
 from .chain import Greedy, SamplingChain
 from .entropix import EntropixConfig, EntropixSampler
-from .generate import DecodeState, GenerateOutput, generate
+from .generate import DecodeState, GenerateOutput, SequenceSampler, TokenSampler, generate
 from .pbit import PBitNetwork, PBitSampler
-from .power import PowerSampleOutput, PowerSampler
+from .power import PowerSampler
 from .rng import RowRNG
+from .smc import PowerSMC
 from .warpers import MinP, RepetitionPenalty, Temperature, TopK, TopP, Typical
 
 __all__ = [
     "AlphaSampler", "AlphaSamplerConfig", "alpha_repetition_penalty", "alpha_state", "alpha_temperature",
     "alpha_top_k", "alpha_top_p", "Greedy", "SamplingChain", "EntropixConfig", "EntropixSampler", "DecodeState",
-    "GenerateOutput", "generate", "PBitNetwork", "PBitSampler", "PowerSampleOutput", "PowerSampler", "RowRNG",
+    "GenerateOutput", "SequenceSampler", "TokenSampler", "generate", "PBitNetwork", "PBitSampler", "PowerSampler",
+    "PowerSMC", "RowRNG",
     "MinP", "RepetitionPenalty", "Temperature", "TopK", "TopP", "Typical",
 ]
 

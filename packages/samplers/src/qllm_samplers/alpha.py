@@ -16,14 +16,14 @@ were chosen on SmolLM2 generations so that all three states occur on real text.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 
-from .chain import SamplingChain
+from . import hf_compat
+from .chain import RowParameters, SamplingChain, sample_rows, warp_rows
 from .lm import forward_step
 from .rng import RowRNG
 from .signals import AttentionProbe, entropy_varentropy, token_signals
@@ -161,18 +161,15 @@ class AlphaSamplerConfig:
             raise ValueError("AlphaSamplerConfig: token_weight and attention_weight cannot both be 0")
 
 
-def _cache_rows(cache, rows: torch.Tensor):
-    """A cache holding ``rows`` of ``cache`` (repeats allowed), leaving ``cache`` itself untouched."""
-    # batch_select_indices rebinds fresh (indexed) tensors rather than writing into the old ones, both in HF
-    # caches (tensors inside per-layer objects) and in QLLM's (lists of tensors). So it is enough to select on
-    # a copy of the containers: the original's tensors are shared, never modified, and no full copy is made.
-    selected = copy.copy(cache)
-    for name, value in vars(cache).items():
-        if isinstance(value, list):
-            setattr(selected, name, [item if item is None or isinstance(item, torch.Tensor) else copy.copy(item)
-                                     for item in value])
-    selected.batch_select_indices(rows)
-    return selected
+ALPHA_TOP_K_MAX = 200  # the top-k map's supremum: a static candidate bound, so no int(top_k.max()) per step
+
+
+def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """``input_ids`` with padding positions replaced by ``vocab``, an id the repetition penalty ignores (it
+    penalises ids >= V in a scratch column), so a left-padded row's window counts only its real tokens."""
+    if attention_mask is None:
+        return input_ids
+    return input_ids.masked_fill(attention_mask[:, -input_ids.shape[1]:] == 0, vocab)
 
 
 class AlphaSampler:
@@ -228,9 +225,7 @@ class AlphaSampler:
         return alpha
 
     def parameters(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-row sampling parameters from the published maps."""
-        if not torch.isfinite(alpha).all():
-            raise ValueError("alpha is not finite (non-finite logits or attention)")
+        """Per-row sampling parameters from the published maps (alpha is finite: its signals are checked)."""
         return {
             "temperature": _temperature(alpha),
             "top_k": torch.round(_top_k(alpha)).long(),
@@ -238,15 +233,20 @@ class AlphaSampler:
             "repetition_penalty": _repetition_penalty(alpha),
         }
 
-    def chain(self, params: dict[str, torch.Tensor]) -> SamplingChain:
-        """The classic chain (penalty, temperature, top-k, top-p in transformers' order) with per-row params."""
-        return SamplingChain(temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
+    def row_parameters(self, params: dict[str, torch.Tensor]) -> RowParameters:
+        """The classic chain's stages (penalty, temperature, top-k, top-p in transformers' order) as per-row
+        tensors. The published maps keep every value in range (temperature in (0.1, 1.3), top-k in [10, 200],
+        top-p in [0.85, 0.95), penalty in [1, 1.3]), so nothing is validated, nor synchronised, per step."""
+        return RowParameters(temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
                              repetition_penalty=params["repetition_penalty"],
-                             repetition_window=self.config.repetition_window)
+                             repetition_window=self.config.repetition_window,
+                             k_max=max(ALPHA_TOP_K_MAX, self.config.lookahead_k))
 
-    def warp(self, scores: torch.Tensor, input_ids: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The warped scores [B, V] that the draw samples from."""
-        return self.chain(params)(input_ids, scores)
+    def warp(self, scores: torch.Tensor, input_ids: torch.Tensor, params: dict[str, torch.Tensor],
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The warped scores [B, V] that the draw samples from (padding never counts as a repeated token)."""
+        return warp_rows(real_tokens(input_ids, attention_mask, scores.shape[-1]), scores,
+                         self.row_parameters(params))
 
     def select(self, scores: torch.Tensor, state, rng: RowRNG) -> torch.Tensor:
         batch = scores.shape[0]
@@ -264,12 +264,13 @@ class AlphaSampler:
         self._record(alpha, states, active)
         params = self.parameters(alpha)
         self.last_alpha, self.last_parameters = alpha, params
-        # The chain draws without warping the whole vocabulary when it can (the same draw as plain sampling).
-        tokens = self.chain(params).sample(state.input_ids, scores, rng)
+        # The draw does not warp the whole vocabulary when it can avoid it (the same draw as plain sampling).
+        input_ids = real_tokens(state.input_ids, state.attention_mask, scores.shape[-1])
+        tokens = sample_rows(input_ids, scores, rng, self.row_parameters(params))
         cold = active & (states == AlphaState.COLD)
         if self.config.lookahead and bool(cold.any()):
             rows = cold.nonzero().squeeze(1)
-            tokens = self._lookahead(self.candidate_scores(scores[rows], state.input_ids[rows],
+            tokens = self._lookahead(self.candidate_scores(scores[rows], input_ids[rows],
                                                            {name: value[rows] for name, value in params.items()}),
                                      tokens, rows, state)
         return tokens
@@ -311,7 +312,7 @@ class AlphaSampler:
         if rows.numel() == 0:
             return tokens
         expanded = rows.repeat_interleave(k)
-        cache = _cache_rows(state.past_key_values, expanded)
+        cache = hf_compat.cache_rows_copy(state.past_key_values, expanded)
         mask = torch.cat([state.attention_mask[expanded], state.attention_mask.new_ones(expanded.shape[0], 1)], dim=1)
         if self.probe is not None:
             self.probe.enabled = False

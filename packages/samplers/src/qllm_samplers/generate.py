@@ -4,6 +4,10 @@ One forward pass for the (left-padded) prompts, then one single-token pass per s
 EOS; finished rows keep receiving the pad token so the batch stays rectangular, and the loop ends when every row
 is done. Alongside the tokens it records each token's log-probability under the *base* model (the raw logits
 before any warping), which is what power sampling, likelihood analyses and diversity metrics need.
+
+The sampler contract: ``generate(model, ids, sampler=...)`` takes a ``TokenSampler`` (one token per step) or a
+``SequenceSampler`` (whole continuations: ``PowerSampler``, ``PowerSMC``) and returns one ``GenerateOutput`` for
+both, so callers never branch on the kind of sampler.
 """
 
 from __future__ import annotations
@@ -33,7 +37,30 @@ class DecodeState:
 
 @runtime_checkable
 class TokenSampler(Protocol):
-    def select(self, scores: torch.Tensor, state: DecodeState, rng: RowRNG) -> torch.Tensor: ...
+    """Chooses one token per row from the raw next-token logits; ``generate`` runs the decode loop around it.
+
+    Optional hooks, called by ``generate`` when the sampler defines them (they are not required, so they are not
+    part of the structural check):
+
+    - ``begin(model, batch_size) -> None``: before the prompt's forward pass (e.g. install an attention probe);
+    - ``end() -> None``: after the loop, also when it raised (remove what ``begin`` installed);
+    - ``stats() -> dict``: counters reported in ``GenerateOutput.stats``.
+    """
+
+    def select(self, scores: torch.Tensor, state: DecodeState, rng: RowRNG) -> torch.Tensor:
+        """``scores`` [B, V] float32 raw logits -> LongTensor [B] of chosen tokens (drawn through ``rng``)."""
+        ...
+
+
+@runtime_checkable
+class SequenceSampler(Protocol):
+    """Samples whole continuations at once (``PowerSampler``: MH; ``PowerSMC``: sequential Monte Carlo)."""
+
+    def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 generator: GeneratorLike = None) -> GenerateOutput:
+        """One continuation per row of the left-padded ``input_ids``, as a ``GenerateOutput``."""
+        ...
 
 
 class WarperSampler:
@@ -50,17 +77,26 @@ class WarperSampler:
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.Tensor  # [B, T_prompt + N]: prompts then new tokens, pad after a row's EOS
-    logprobs: torch.Tensor  # [B, N]: log p(token) under the base model; 0 after a row finished
+    """The result of every sampler, token-wise (``generate``) or sequence-level (``SequenceSampler.generate``)."""
+
+    sequences: torch.Tensor  # [B, P + N]: prompts then new tokens, pad after a row's end
+    attention_mask: torch.Tensor  # [B, P + N]: the prompt's mask, then 1 on each row's new tokens (EOS included)
+    logprobs: torch.Tensor  # [B, N]: log p(token) under the base model; 0 after a row's end
     lengths: torch.Tensor  # [B]: new tokens per row, EOS included
     prompt_length: int
-    forward_tokens: int  # token positions run through the model (prompt included)
+    forward_tokens: torch.Tensor  # LongTensor [B]: token positions each row ran through the model (prompt included)
+    model_calls: int  # sequential model calls (forward passes of the whole batch)
     seconds: float
-    stats: dict = field(default_factory=dict)  # sampler-specific counters, if it reports any
+    stats: dict = field(default_factory=dict)  # sampler-specific: per-row tensors [B] or plain values
 
     @property
     def new_tokens(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
+
+    @property
+    def log_p(self) -> torch.Tensor:
+        """[B] float64: log p(continuation) under the base model (sum of ``logprobs``)."""
+        return self.logprobs.double().sum(dim=1)
 
 
 def _as_token_sampler(sampler) -> TokenSampler:
@@ -68,7 +104,8 @@ def _as_token_sampler(sampler) -> TokenSampler:
         return sampler
     if callable(sampler) or isinstance(sampler, Sequence):
         return WarperSampler(sampler)
-    raise ValueError(f"sampler must have select(scores, state, rng) or be a warper callable, got {type(sampler)}")
+    raise ValueError("sampler must be a TokenSampler (select(scores, state, rng)), a SequenceSampler "
+                     f"(generate(model, input_ids, max_new_tokens, ...)) or a warper callable, got {type(sampler)}")
 
 
 def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
@@ -78,15 +115,29 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
+def _repad(out: GenerateOutput, pad_token_id: int) -> GenerateOutput:
+    """Put ``pad_token_id`` after each row's end (a sequence sampler pads with its own choice)."""
+    new = out.new_tokens
+    after_end = torch.arange(new.shape[1], device=new.device)[None, :] >= out.lengths.to(new.device)[:, None]
+    out.sequences = torch.cat([out.sequences[:, :out.prompt_length], new.masked_fill(after_end, pad_token_id)], 1)
+    return out
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_new_tokens: int,
              attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
              generator: GeneratorLike = None, pad_token_id: int | None = None) -> GenerateOutput:
-    """Decode up to ``max_new_tokens`` per row with ``sampler`` choosing each token.
+    """Decode up to ``max_new_tokens`` per row with ``sampler``: a TokenSampler choosing each token (or a warper
+    callable / list of them), or a SequenceSampler producing whole continuations (PowerSampler, PowerSMC).
 
     ``eos_token_id=None`` means no row stops early. ``generator`` seeds the per-row random streams (see
     ``RowRNG.from_generator``): per-row seeds make a request's tokens independent of its batch-mates.
+    ``pad_token_id`` (default: the first EOS id, else 0) fills each row after its end.
     """
+    if not isinstance(sampler, TokenSampler) and isinstance(sampler, SequenceSampler):
+        out = sampler.generate(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                               eos_token_id=eos_token_id, generator=generator)
+        return out if pad_token_id is None else _repad(out, pad_token_id)
     attention_mask = check_decode_inputs(model, input_ids, attention_mask, max_new_tokens)
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -101,7 +152,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
         token_sampler.begin(model, batch)
     try:
         logits, cache = forward_step(model, input_ids, attention_mask, None)
-        forward_tokens = batch * prompt_length
+        model_calls = 1
+        forward_tokens = attention_mask.sum(dim=1).long()  # real prompt tokens; padding is not this row's work
         scores = logits[:, -1]
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
@@ -125,22 +177,26 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
                 finished = finished | torch.isin(chosen, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
+            forward_tokens += (~finished).long()  # a finished row's pad token is batch filler, not its work
             sequence = torch.cat([sequence, chosen[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(chosen[:, None])], dim=1)
             logits, cache = forward_step(model, chosen[:, None], mask, cache)
-            forward_tokens += batch
+            model_calls += 1
             scores = logits[:, -1]
     finally:
         if hasattr(token_sampler, "end"):
             token_sampler.end()
     used = int(lengths.max())
     stats = token_sampler.stats() if callable(getattr(token_sampler, "stats", None)) else {}
+    new_mask = (torch.arange(used, device=device)[None, :] < lengths[:, None]).to(attention_mask.dtype)
     return GenerateOutput(
         sequences=torch.cat([input_ids, tokens[:, :used]], dim=1),
+        attention_mask=torch.cat([attention_mask, new_mask], dim=1),
         logprobs=logprobs[:, :used],
         lengths=lengths,
         prompt_length=prompt_length,
         forward_tokens=forward_tokens,
+        model_calls=model_calls,
         seconds=time.perf_counter() - start,
         stats=stats,
     )

@@ -40,58 +40,84 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from . import hf_compat
+from .generate import GenerateOutput
 from .lm import check_decode_inputs, check_logits, forward_step
-from .rng import GeneratorLike, RowRNG
+from .rng import GeneratorLike, RowRNG, splitmix64
 
-# Warpers that only remove tokens from the (temperature-scaled) distribution: q stays p^beta renormalised on a
-# subset, which keeps the early-rejection bound valid. Matched by class name so that both ours and HF's count.
-_TRUNCATING_WARPERS = {"TopK", "TopP", "MinP", "Typical", "TopKLogitsWarper", "TopPLogitsWarper",
-                       "MinPLogitsWarper", "TypicalLogitsWarper"}
-# Warpers that ignore input_ids (no need to build the per-row context tensor for them).
-_CONTEXT_FREE_WARPERS = _TRUNCATING_WARPERS | {"Temperature", "TemperatureLogitsWarper"}
 # float32 log-softmax can put a near-certain token's log p a hair above 0: slack per remaining token in the bound.
 _BOUND_SLACK = 1e-4
 
 
-@dataclass
-class PowerSampleOutput:
-    """Result of ``PowerSampler.generate``: one independent chain per row."""
+_LANE_DOMAIN = 0x5DEECE66D  # salt: lane streams never coincide with the row streams they derive from
 
-    sequences: torch.Tensor  # [B, P + N]: prompt, then the continuation, padded after a row's EOS
-    attention_mask: torch.Tensor  # [B, P + N]: 1 on real tokens (the prompt's mask, then each continuation)
-    lengths: torch.Tensor  # [B] new tokens per row, EOS included
-    log_p: torch.Tensor  # [B] float64: log p(continuation) under the base model
-    log_q: torch.Tensor  # [B] float64: log q(continuation) under the proposal, token by token in context
-    token_logprobs: torch.Tensor  # [B, N] per-token log p (0 after the end)
-    proposed: torch.Tensor  # [B] MH moves attempted
-    accepted: torch.Tensor  # [B] MH moves accepted
-    early_rejected: torch.Tensor  # [B] moves rejected before the proposal was complete
-    forward_tokens: torch.Tensor  # [B] token positions this row ran through the model (prompt included)
-    batch_forward_tokens: int  # positions run for the whole batch, padding and idle rows included
-    model_calls: int
-    prompt_length: int
-    seconds: float
-    alpha: float
-    stats: dict = field(default_factory=dict)
 
-    @property
-    def new_tokens(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length:]
+def lane_rng(rng: RowRNG, lanes: int) -> RowRNG:
+    """``lanes`` random streams per row, row-major (row b's lane k is row b*lanes + k of the result).
 
-    @property
-    def acceptance_rate(self) -> torch.Tensor:
-        """[B] accepted / proposed (NaN for a row that made no MH move)."""
-        return self.accepted.double() / self.proposed.double()
+    Each lane's seed is a hash of its row's seed and k only, so lanes (SMC particles, multiple-try proposals) keep
+    the batch invariance of ``RowRNG``: a request's draws never depend on what else shares its batch.
+    """
+    lane = torch.arange(lanes, dtype=torch.int64, device=rng.device)
+    seeds = splitmix64(rng.seeds[:, None] ^ splitmix64(lane + _LANE_DOMAIN)[None, :]).reshape(-1)
+    return RowRNG(seeds, rng.counter)
 
-    @property
-    def log_target(self) -> torch.Tensor:
-        """[B] alpha * log p: the unnormalised log target of each result."""
-        return self.alpha * self.log_p
+
+# ---- argument checks shared with PowerSMC (bools are not numbers here: True is not an alpha of 1) ---------------
+def check_positive_number(name: str, value, *, allow_none: bool = False, note: str = "") -> float | None:
+    """``value`` as a float if it is a finite real number > 0 (None allowed if ``allow_none``), else ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0{note}, got {value!r}")
+    return float(value)
+
+
+def check_integer(name: str, value, minimum: int, *, allow_none: bool = False, note: str = "") -> int | None:
+    """``value`` if it is an integer >= ``minimum`` (None allowed if ``allow_none``), else ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " (or None)" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}{note}, got {value!r}")
+    return value
+
+
+def proposal_settings(alpha: float, proposal_temperature, proposal_warpers, proposal_top_k,
+                      proposal_top_p) -> tuple[float, list[Callable]]:
+    """Validated proposal temperature (None: 1/alpha) and warper list (``proposal_top_k``/``_top_p`` appended)."""
+    from .warpers import TopK, TopP
+
+    temperature = check_positive_number("proposal_temperature", proposal_temperature, allow_none=True,
+                                        note=" (None: 1/alpha)")
+    warpers = [proposal_warpers] if callable(proposal_warpers) else list(proposal_warpers)
+    if not all(callable(w) for w in warpers):
+        raise ValueError("proposal_warpers must be callables (input_ids, scores) -> scores, got "
+                         f"{[type(w).__name__ for w in warpers]}")
+    if proposal_top_k is not None:
+        warpers.append(TopK(check_integer("proposal_top_k", proposal_top_k, 1, allow_none=True)))
+    if proposal_top_p is not None:
+        if isinstance(proposal_top_p, bool) or not isinstance(proposal_top_p, (int, float)) or not (
+                0 < proposal_top_p <= 1):
+            raise ValueError(f"proposal_top_p must be a number in (0, 1] (or None), got {proposal_top_p!r}")
+        warpers.append(TopP(float(proposal_top_p)))
+    return (1.0 / alpha if temperature is None else temperature), warpers
+
+
+def early_rejection_bound_holds(alpha: float, proposal_temperature: float, warpers: Sequence[Callable]) -> bool:
+    """Each proposal token adds alpha*log p - log q <= 0 to log r when q is p^beta (1 <= beta <= alpha),
+    renormalised, or a truncation of it: warpers that only remove tokens (``truncating``) keep that true."""
+    beta = 1.0 / proposal_temperature
+    return (1.0 - 1e-9 <= beta <= alpha * (1 + 1e-9)
+            and all(hf_compat.warper_capabilities(w).truncating for w in warpers))
+
+
+def warpers_read_context(warpers: Sequence[Callable]) -> bool:
+    """Whether any warper reads input_ids (then each row's context tensor must be built for it)."""
+    return any(hf_compat.warper_capabilities(w).reads_input_ids for w in warpers)
 
 
 class _Chain:
@@ -107,6 +133,7 @@ class _Chain:
         self.loc: list[int] = []  # cache column of each state token (-1: not in the cache)
         self.finished = False  # the state ends with EOS
         self.done = False
+        self.waiting = False  # multiple-try lane idle until its group decides (or while the leader extends)
         self.block, self.budget, self.steps_left = 0, first_budget, mcmc_steps
         self.proposed = self.accepted = self.early_rejected = 0
         self.forward_tokens = 0
@@ -183,45 +210,39 @@ class PowerSampler:
                  num_blocks: int = 16, proposal_temperature: float | None = None,
                  proposal_warpers: Callable | Sequence[Callable] = (), early_rejection: bool | None = None,
                  stop_at_eos: bool = False, pad_token_id: int | None = None, compaction: str = "auto",
-                 draft_tokens: int = 8):
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-        if not isinstance(mcmc_steps, int) or mcmc_steps < 0:
-            raise ValueError(f"mcmc_steps must be an integer >= 0, got {mcmc_steps!r}")
-        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"block_size must be an integer >= 1 (or None), got {block_size!r}")
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        if proposal_temperature is None:
-            proposal_temperature = 1.0 / alpha
-        if not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
-            raise ValueError(f"proposal_temperature must be a finite number > 0 (None: 1/alpha), "
-                             f"got {proposal_temperature!r}")
-        if not isinstance(draft_tokens, int) or draft_tokens < 0:
-            raise ValueError(f"draft_tokens must be an integer >= 0 (0: no drafts), got {draft_tokens!r}")
+                 draft_tokens: int = 8, proposals: int = 1, proposal_top_k: int | None = None,
+                 proposal_top_p: float | None = None):
+        self.alpha = check_positive_number("alpha", alpha)
+        self.mcmc_steps = check_integer("mcmc_steps", mcmc_steps, 0)
+        self.block_size = check_integer("block_size", block_size, 1, allow_none=True)
+        self.num_blocks = check_integer("num_blocks", num_blocks, 1)
+        self.draft_tokens = check_integer("draft_tokens", draft_tokens, 0, note=" (0: no drafts)")
+        self.proposals = check_integer("proposals", proposals, 1, note=" (1: plain MH, K > 1: multiple-try MH)")
         if compaction not in ("auto", "gather", "prefill"):
             raise ValueError(f"compaction must be 'auto', 'gather' or 'prefill', got {compaction!r}")
-        warpers = [proposal_warpers] if callable(proposal_warpers) else list(proposal_warpers)
-        beta = 1.0 / proposal_temperature
-        bound_valid = (1.0 - 1e-9 <= beta <= alpha * (1 + 1e-9)
-                       and all(type(w).__name__ in _TRUNCATING_WARPERS for w in warpers))
+        self.proposal_temperature, self.proposal_warpers = proposal_settings(
+            self.alpha, proposal_temperature, proposal_warpers, proposal_top_k, proposal_top_p)
+        for name, value in (("early_rejection", early_rejection), ("stop_at_eos", stop_at_eos)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False{' (or None)' if name == 'early_rejection' else ''}, "
+                                 f"got {value!r}")
+        if pad_token_id is not None:
+            check_integer("pad_token_id", pad_token_id, 0, allow_none=True)
+        bound_valid = early_rejection_bound_holds(self.alpha, self.proposal_temperature, self.proposal_warpers)
         if early_rejection and not bound_valid:
             raise ValueError(
                 "early_rejection=True needs 1 <= 1/proposal_temperature <= alpha and only truncating proposal "
                 f"warpers (top-k/top-p/min-p/typical); got alpha={alpha}, proposal_temperature="
-                f"{proposal_temperature}, warpers={[type(w).__name__ for w in warpers]}. Use None or False"
+                f"{self.proposal_temperature}, warpers={[type(w).__name__ for w in self.proposal_warpers]}. "
+                "Use None or False"
             )
-        self.alpha = float(alpha)
-        self.mcmc_steps = mcmc_steps
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.proposal_temperature = float(proposal_temperature)
-        self.proposal_warpers = warpers
-        self.early_rejection = bound_valid if early_rejection is None else bool(early_rejection)
+        if early_rejection and self.proposals > 1:
+            raise ValueError("early_rejection=True needs proposals=1: a multiple-try move weighs all K complete "
+                             "proposals, so none can be rejected early. Use None or False")
+        self.early_rejection = (bound_valid and self.proposals == 1) if early_rejection is None else early_rejection
         self.stop_at_eos = stop_at_eos
         self.pad_token_id = pad_token_id
         self.compaction = compaction
-        self.draft_tokens = draft_tokens
 
     def budgets(self, max_new_tokens: int) -> list[int]:
         """The length budget of each block: block_size, 2*block_size, ..., max_new_tokens."""
@@ -238,7 +259,7 @@ class PowerSampler:
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
                  attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 generator: GeneratorLike = None) -> PowerSampleOutput:
+                 generator: GeneratorLike = None) -> GenerateOutput:
         """Run one chain per row of (left-padded) ``input_ids`` and return the final states.
 
         ``generator`` seeds the per-row streams (``RowRNG.from_generator``; per-row seeds make each chain
@@ -263,36 +284,54 @@ class _Run:
     """The state of one ``generate`` call: the batched cache, the per-row context masks and the chains."""
 
     def __init__(self, sampler: PowerSampler, model, input_ids, attention_mask, max_new_tokens, eos, pad, rng):
-        self.sampler, self.model, self.eos, self.pad, self.rng = sampler, model, eos, pad, rng
-        self.input_ids, self.device = input_ids, input_ids.device
-        self.batch, self.prompt_length = input_ids.shape
+        self.sampler, self.model, self.eos, self.pad = sampler, model, eos, pad
+        self.device = input_ids.device
+        self.groups, self.prompt_length = input_ids.shape
+        # Multiple-try MH: K lanes (batch rows) per chain, row b*K + k; lane 0 (the leader) holds the chain's
+        # counters and its uniforms drive the chain's cut, acceptance and selection.
+        self.lanes = lanes = sampler.proposals
+        self.batch = self.groups * lanes
+        lane_rows = torch.arange(self.groups, device=self.device).repeat_interleave(lanes)
+        self.input_ids = input_ids[lane_rows] if lanes > 1 else input_ids
+        self.rng = lane_rng(rng, lanes) if lanes > 1 else rng
+        # per call: [cut, accept, (select, if K > 1), one per draft position]
+        self.draft_offset = 2 if lanes == 1 else 3
+        self.call_uniforms: list[list[float]] = []
+        self.pending_copies: dict[int, int] = {}  # cache row -> the row it must become a copy of
         self.budgets = sampler.budgets(max_new_tokens)
         self.max_new_tokens = max_new_tokens
-        self.prompt_mask = attention_mask.bool().cpu().numpy()
-        self.prompt_real = [int(x) for x in self.prompt_mask.sum(axis=1)]
+        self.prompt_mask = attention_mask.bool().cpu()[lane_rows.cpu()]
+        self.prompt_real = self.prompt_mask.sum(dim=1).tolist()
         # Compact when the cache has this many columns past the prompt (holes included).
         self.compact_at = 3 * max_new_tokens + 16
-        self.ctx = np.zeros((self.batch, self.prompt_length + self.compact_at + sampler.draft_tokens + 2), dtype=bool)
+        # Which cache columns each row's next fed token may attend to (kept on the CPU: updated per chain).
+        self.ctx = torch.zeros((self.batch, self.prompt_length + self.compact_at + sampler.draft_tokens + 2),
+                               dtype=torch.bool)
         self.ctx[:, :self.prompt_length] = self.prompt_mask
         self.width = self.prompt_length  # cache columns
         self.calls = 0
         self.batch_forward_tokens = 0
         self.compactions = 0
-        self.needs_context = any(type(w).__name__ not in _CONTEXT_FREE_WARPERS for w in sampler.proposal_warpers)
+        self.needs_context = warpers_read_context(sampler.proposal_warpers)
         # Drafts need the warped q at several positions of a row at once: only for context-free warpers.
         self.draft_len = 0 if self.needs_context else sampler.draft_tokens
-        prompt_last = input_ids[:, -1].tolist()
+        prompt_last = self.input_ids[:, -1].tolist()
         self.chains = [_Chain(b, prompt_last[b], self.budgets[0], sampler.mcmc_steps, sampler.alpha)
                        for b in range(self.batch)]
         for chain in self.chains:
-            chain.forward_tokens = self.prompt_real[chain.row]
+            leader = chain.row % lanes == 0
+            chain.forward_tokens = self.prompt_real[chain.row] if leader else 0
             # The first move extends the empty state by block 1; the prompt's last position plays the re-fed token.
             chain.begin_move(is_mh=False, cut=0, log_u=0.0)
             chain.refeed_loc = self.prompt_length - 1
             chain.fed_count, chain.fed_drafts, chain.fed_columns = 1, [], [self.prompt_length - 1]
+            chain.waiting = not leader  # only the leader extends a state; the other lanes get copies of it
         logits, self.cache = forward_step(model, input_ids, attention_mask, None)
+        if lanes > 1:
+            self.cache.reorder_cache(lane_rows)  # each prompt's cache, copied to its lanes (run once per chain)
+            logits = logits[lane_rows]
         self.calls += 1
-        self.batch_forward_tokens += self.batch * self.prompt_length
+        self.batch_forward_tokens += self.groups * self.prompt_length
         self.logits = logits[:, -1:]
 
     # ---- the main loop -------------------------------------------------------------------------------------
@@ -300,8 +339,8 @@ class _Run:
         sampler, draft_len = self.sampler, self.draft_len
         while True:
             batch, width, vocab = self.logits.shape
-            real = torch.tensor([[not c.done and j < c.fed_count for j in range(width)] for c in self.chains],
-                                device=self.device)
+            real = torch.tensor([[not (c.done or c.waiting) and j < c.fed_count for j in range(width)]
+                                 for c in self.chains], device=self.device)
             check_logits(self.logits[real], where=f"model logits at call {self.calls}")
             raw_logp = torch.log_softmax(self.logits, dim=-1)
             # position by position, so that warpers with per-row parameters ([B] tensors) see B rows
@@ -314,9 +353,10 @@ class _Run:
             draft_logp, draft_logq = torch.stack([raw_logp.gather(2, drafts[..., None]).squeeze(2),
                                                   logq.gather(2, drafts[..., None]).squeeze(2)]).tolist()
             # The same draws for every row on every call, so that a row's randomness ignores its batch-mates:
-            # [cut, accept, one per draft position], then one categorical draw.
-            uniforms = self.rng.uniform(2 + draft_len).tolist()
-            stops = [None if c.done else self._walk_drafts(c, draft_logp[c.row], draft_logq[c.row], uniforms[c.row])
+            # [cut, accept, (select), one per draft position], then one categorical draw.
+            uniforms = self.call_uniforms = self.rng.uniform(self.draft_offset + draft_len).tolist()
+            stops = [None if c.done or c.waiting
+                     else self._walk_drafts(c, draft_logp[c.row], draft_logq[c.row], uniforms[c.row])
                      for c in self.chains]
             rows = torch.arange(batch, device=self.device)
             position = torch.tensor([s[0] if s else 0 for s in stops], device=self.device)
@@ -338,7 +378,8 @@ class _Run:
                     self._record(chain, tokens[b], token_logp[b], token_logq[b], None, uniforms[b])
             if all(c.done for c in self.chains):
                 break
-            feeds = [[] if c.done else self._next_feed(c) for c in self.chains]
+            feeds = [[] if c.done or c.waiting else self._next_feed(c) for c in self.chains]
+            self._apply_copies()
             if self.width - self.prompt_length + max(len(f) for f in feeds) > self.compact_at:
                 self._compact()
             self._call(feeds)
@@ -350,7 +391,7 @@ class _Run:
         or -1 after the last draft), or None when the move ended on a draft token.
         """
         for j, token in enumerate(chain.fed_drafts):
-            if uniforms[2 + j] < math.exp(draft_logq[j]):
+            if uniforms[self.draft_offset + j] < math.exp(draft_logq[j]):
                 if self._record(chain, token, draft_logp[j], draft_logq[j], chain.fed_columns[j + 1], uniforms):
                     return None
             else:
@@ -372,6 +413,9 @@ class _Run:
             chain.new_loc.append(column)
         if token in self.eos or position + 1 >= chain.budget:
             chain.new_finished = token in self.eos
+            if self.lanes > 1:
+                self._lane_complete(chain)
+                return True
             if not chain.is_mh:
                 chain.commit()
             else:
@@ -386,6 +430,69 @@ class _Run:
             return False
         self._next_move(chain, uniforms[0], uniforms[1])
         return True
+
+    # ---- multiple-try MH: K lanes per chain ----------------------------------------------------------------
+    def _lane_complete(self, lane: _Chain) -> None:
+        """A lane's proposal (or the leader's block extension) is complete; decide when the whole group is."""
+        first = lane.row - lane.row % self.lanes
+        group = self.chains[first:first + self.lanes]
+        leader = group[0]
+        u_cut, u_accept, u_select = self.call_uniforms[leader.row][:3]
+        if not lane.is_mh:  # the leader extended the state: every lane continues from a copy of it
+            lane.commit()
+            self._copy_state(group, lane)
+        else:
+            lane.waiting = True
+            if not all(other.waiting for other in group):
+                return
+            self._multiple_try_step(group, u_select)
+        for other in group:
+            other.waiting = False
+            self._next_move(other, u_cut, u_accept)
+        if not leader.done and not leader.is_mh:
+            for other in group[1:]:
+                other.waiting = True
+
+    def _multiple_try_step(self, group: list[_Chain], u_select: float) -> None:
+        """Multiple-try Metropolis with independent proposals given the prefix (docs/power.md derives it).
+
+        Weights w_j = p(y_j)^alpha / q(y_j) over the K suffixes; y_J is selected with probability w_J / W and
+        accepted with min(1, n / n_J * W / (W - w_J + w(x))), n and n_J the lengths of the state and of y_J.
+        """
+        leader = group[0]
+        log_w = torch.tensor([lane.new_weight for lane in group], dtype=torch.float64)
+        chosen = min(int(torch.searchsorted(torch.softmax(log_w, 0).cumsum(0), torch.tensor(u_select,
+                                                                                         dtype=torch.float64),
+                                            right=True)), self.lanes - 1)
+        selected = group[chosen]
+        others = torch.cat([log_w[:chosen], log_w[chosen + 1:]])
+        log_reverse = float(torch.logaddexp(torch.logsumexp(others, 0), torch.tensor(leader.current_weight,
+                                                                                     dtype=torch.float64)))
+        n, n_new = len(leader.tokens), selected.cut + len(selected.new_tokens)
+        log_ratio = float(torch.logsumexp(log_w, 0)) - log_reverse + math.log(n) - math.log(n_new)
+        leader.proposed += 1
+        if leader.log_u < log_ratio:
+            leader.accepted += 1
+            selected.commit()
+            self._copy_state(group, selected)
+
+    def _copy_state(self, group: list[_Chain], source: _Chain) -> None:
+        """Every lane of the group takes ``source``'s state (token lists and cache row, copied before the next call)."""
+        for lane in group:
+            if lane is source:
+                continue
+            lane.tokens, lane.logp, lane.logq = list(source.tokens), list(source.logp), list(source.logq)
+            lane.weight, lane.loc, lane.finished = list(source.weight), list(source.loc), source.finished
+            self.pending_copies[lane.row] = source.row
+
+    def _apply_copies(self) -> None:
+        if not self.pending_copies:
+            return
+        index = torch.arange(self.batch)
+        for row, source in self.pending_copies.items():
+            index[row] = source
+        self.cache.reorder_cache(index.to(self.device))
+        self.pending_copies = {}
 
     def _next_feed(self, chain: _Chain) -> list[int]:
         """The tokens a chain feeds next: the re-fed token or its last proposal token, then draft guesses.
@@ -452,7 +559,7 @@ class _Run:
             else:
                 chain.new_loc.append(column)
         ids = torch.tensor([f + [self.pad] * (width - len(f)) for f in feeds], device=self.device)
-        mask = torch.from_numpy(self.ctx[:, :column + width]).to(self.device, torch.long)
+        mask = self.ctx[:, :column + width].to(self.device, torch.long)
         self.logits, self.cache = forward_step(self.model, ids, mask, self.cache)
         self.width += width
         self.calls += 1
@@ -473,9 +580,7 @@ class _Run:
     # ---- squeezing the holes out of the cache ------------------------------------------------------------
     def _compact(self) -> None:
         self.compactions += 1
-        layers = getattr(self.cache, "layers", None)
-        gather_ok = (layers is not None and type(self.cache).__name__ == "DynamicCache"
-                     and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
+        gather_ok = hf_compat.is_plain_dynamic_cache(self.cache)
         mode = self.sampler.compaction
         if mode == "gather" and not gather_ok:
             raise ValueError("compaction='gather' needs an HF DynamicCache; use 'auto' or 'prefill'")
@@ -506,12 +611,7 @@ class _Run:
             if chain.refeed_loc >= P:
                 chain.refeed_loc = remap[chain.refeed_loc]
             chain.new_loc = [remap[loc] for loc in chain.new_loc]
-        index = index.to(self.device)
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                expanded = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
-                setattr(layer, name, tensor.gather(2, expanded))
+        hf_compat.gather_cache_columns(self.cache, index.to(self.device))
         self._after_compaction(new_width)
 
     @staticmethod
@@ -533,7 +633,7 @@ class _Run:
                 self._forget_cache(chain)
                 continue
             chain.loc = [P + j for j in range(len(state))] + [-1] * (len(chain.tokens) - len(state))
-        base = np.zeros((self.batch, P + width1), dtype=bool)
+        base = torch.zeros((self.batch, P + width1), dtype=torch.bool)
         base[:, :P] = self.prompt_mask
         for b, state in enumerate(states):
             base[b, P:P + len(state)] = True
@@ -545,7 +645,7 @@ class _Run:
             fed = chain.refeed_loc >= 0 and not chain.done
             branches.append(([chain.refeed_token()] + chain.new_tokens[:len(chain.new_loc)]) if fed else [])
         width2 = max(len(s) for s in branches)
-        mask = np.zeros((self.batch, P + width1 + width2), dtype=bool)
+        mask = torch.zeros((self.batch, P + width1 + width2), dtype=torch.bool)
         for chain, branch in zip(self.chains, branches):
             row = mask[chain.row]
             row[:P] = self.prompt_mask[chain.row]
@@ -561,11 +661,11 @@ class _Run:
             self._prefill([s + [self.pad] * (width2 - len(s)) for s in branches], mask, [len(s) for s in branches])
         self._after_compaction(P + width1 + width2)
 
-    def _prefill(self, rows: list[list[int]], mask: np.ndarray, real: list[int]) -> None:
+    def _prefill(self, rows: list[list[int]], mask: torch.Tensor, real: list[int]) -> None:
         ids = torch.tensor(rows, device=self.device)
         for chain, count in zip(self.chains, real):
             chain.forward_tokens += count
-        _, self.cache = forward_step(self.model, ids, torch.from_numpy(mask).to(self.device, torch.long), self.cache)
+        _, self.cache = forward_step(self.model, ids, mask.to(self.device, torch.long), self.cache)
         self.calls += 1
         self.batch_forward_tokens += ids.numel()
 
@@ -576,35 +676,39 @@ class _Run:
             self._reset_context(chain)
 
     # ---- the result ----------------------------------------------------------------------------------------
-    def output(self, seconds: float) -> PowerSampleOutput:
-        lengths = [len(c.tokens) for c in self.chains]
+    def output(self, seconds: float) -> GenerateOutput:
+        leaders = self.chains[::self.lanes]
+        work = [sum(lane.forward_tokens for lane in self.chains[b * self.lanes:(b + 1) * self.lanes])
+                for b in range(self.groups)]
+        lengths = [len(c.tokens) for c in leaders]
         width = max(lengths)
-        new = torch.full((self.batch, width), self.pad, dtype=torch.long)
-        token_logprobs = torch.zeros((self.batch, width), dtype=torch.float32)
-        for c in self.chains:
-            new[c.row, :len(c.tokens)] = torch.tensor(c.tokens, dtype=torch.long)
-            token_logprobs[c.row, :len(c.tokens)] = torch.tensor(c.logp, dtype=torch.float32)
+        new = torch.full((self.groups, width), self.pad, dtype=torch.long)
+        logprobs = torch.zeros((self.groups, width), dtype=torch.float32)
+        for b, c in enumerate(leaders):
+            new[b, :len(c.tokens)] = torch.tensor(c.tokens, dtype=torch.long)
+            logprobs[b, :len(c.tokens)] = torch.tensor(c.logp, dtype=torch.float32)
 
         def per_row(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype)
 
         valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        prompt_mask = torch.from_numpy(self.prompt_mask).long()
-        return PowerSampleOutput(
-            sequences=torch.cat([self.input_ids, new.to(self.device)], dim=1),
-            attention_mask=torch.cat([prompt_mask, valid.long()], dim=1).to(self.device),
+        return GenerateOutput(
+            sequences=torch.cat([self.input_ids[::self.lanes], new.to(self.device)], dim=1),
+            attention_mask=torch.cat([self.prompt_mask[::self.lanes].long(), valid.long()], dim=1).to(self.device),
+            logprobs=logprobs.to(self.device),
             lengths=per_row(lengths),
-            log_p=per_row([math.fsum(c.logp) for c in self.chains], torch.float64),
-            log_q=per_row([math.fsum(c.logq) for c in self.chains], torch.float64),
-            token_logprobs=token_logprobs,
-            proposed=per_row([c.proposed for c in self.chains]),
-            accepted=per_row([c.accepted for c in self.chains]),
-            early_rejected=per_row([c.early_rejected for c in self.chains]),
-            forward_tokens=per_row([c.forward_tokens for c in self.chains]),
-            batch_forward_tokens=self.batch_forward_tokens,
-            model_calls=self.calls,
             prompt_length=self.prompt_length,
+            forward_tokens=per_row(work),
+            model_calls=self.calls,
             seconds=seconds,
-            alpha=self.sampler.alpha,
-            stats={"compactions": self.compactions, "budgets": self.budgets},
+            stats={
+                "proposed": per_row([c.proposed for c in leaders]),  # [B] MH moves attempted
+                "accepted": per_row([c.accepted for c in leaders]),  # [B] MH moves accepted
+                "early_rejected": per_row([c.early_rejected for c in leaders]),  # [B] stopped before the end
+                "log_p": per_row([math.fsum(c.logp) for c in leaders], torch.float64),  # [B] exact sums
+                "log_q": per_row([math.fsum(c.logq) for c in leaders], torch.float64),  # [B] under q
+                "batch_forward_tokens": self.batch_forward_tokens,  # positions run, padding and idle rows included
+                "compactions": self.compactions,
+                "budgets": self.budgets,
+            },
         )

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hf_compat
+
 LN2 = math.log(2.0)
 
 # Names under which the probe's attention function is registered in transformers' interfaces, keyed by the
@@ -107,8 +109,38 @@ def attention_entropy(probs: torch.Tensor, valid: torch.Tensor | None = None) ->
     return head_bits, normalised
 
 
+@dataclass
+class AttentionMetrics:
+    """entropix's attention metrics of the newest query of the last layer ([B] tensors, float32).
+
+    ``entropy``: head-mean attention entropy in bits; ``varentropy``: the variance over heads of the per-head
+    entropies (population variance, as jnp.var); ``agreement``: mean over heads and valid keys of |p_h - mean_h p|;
+    ``interaction_strength``: mean |q k / sqrt(d)| over heads and valid keys, None where the model exposes only
+    the probabilities (QLLM's capture flag). entropix averaged over every cache slot, written or not; here only
+    the keys the query may attend to count.
+    """
+
+    entropy: torch.Tensor
+    varentropy: torch.Tensor
+    agreement: torch.Tensor
+    interaction_strength: torch.Tensor | None
+
+
+def attention_metrics(probs: torch.Tensor, valid: torch.Tensor, raw_scores: torch.Tensor | None = None
+                      ) -> AttentionMetrics:
+    """``AttentionMetrics`` of attention weights ``probs`` [B, H, S] over valid keys ``valid`` [B, S]."""
+    head_bits, _ = attention_entropy(probs, valid)
+    probs = probs.float() * valid[:, None, :]
+    keys = valid.sum(dim=-1).clamp(min=1).float()
+    agreement = (probs - probs.mean(dim=1, keepdim=True)).abs().sum(dim=-1).mean(dim=-1) / keys
+    interaction = None
+    if raw_scores is not None:
+        interaction = (raw_scores.float().abs() * valid[:, None, :]).sum(dim=-1).mean(dim=-1) / keys
+    return AttentionMetrics(head_bits.mean(dim=-1), head_bits.var(dim=-1, unbiased=False), agreement, interaction)
+
+
 def _newest_query_probs(module, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling) -> tuple:
-    """softmax(q_new K^T) of the newest query [B, H, S] and the valid-key mask [B, S], from one layer's inputs."""
+    """softmax(q_new K^T) of the newest query [B, H, S], the valid-key mask [B, S] and the raw scores [B, H, S]."""
     q = query[:, :, -1:, :].float()  # [B, Hq, 1, D]
     heads, kv_heads = q.shape[1], key.shape[1]
     k = key.float()
@@ -116,6 +148,7 @@ def _newest_query_probs(module, query: torch.Tensor, key: torch.Tensor, attentio
         k = k.repeat_interleave(heads // kv_heads, dim=1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-1, -2)).squeeze(2) * scale  # [B, H, S]
+    raw = scores
     batch, _, keys = scores.shape
     if attention_mask is None:
         # No mask means causal attention aligned at the first key (SDPA's is_causal): the newest of q queries
@@ -135,38 +168,25 @@ def _newest_query_probs(module, query: torch.Tensor, key: torch.Tensor, attentio
             scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         valid = valid.expand(batch, keys)
     probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0), valid
+    return torch.nan_to_num(probs, nan=0.0), valid, raw
 
 
 def _probe_attention(delegate_name: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        if delegate_name == "eager":
-            import importlib
-
-            delegate = importlib.import_module(type(module).__module__).eager_attention_forward
-        else:
-            delegate = ALL_ATTENTION_FUNCTIONS[delegate_name]
+        delegate = hf_compat.attention_function(module, delegate_name)
         output = delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         probe = getattr(module, _PROBE_ATTRIBUTE, None)
         if probe is not None and probe.enabled:
-            probs, valid = _newest_query_probs(module, query, key, attention_mask, scaling)
-            probe._record(probs, valid)
+            probs, valid, raw = _newest_query_probs(module, query, key, attention_mask, scaling)
+            probe._record(probs, valid, raw)
         return output
 
     return attention
 
 
 def _register_probe_implementations() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-    masks = {"sdpa": sdpa_mask, "eager": eager_mask}
     for delegate, name in _PROBE_IMPLEMENTATIONS.items():
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, _probe_attention(delegate))
-            AttentionMaskInterface.register(name, masks[delegate])
+        hf_compat.register_attention_function(name, _probe_attention(delegate), mask_like=delegate)
 
 
 class AttentionProbe:
@@ -182,6 +202,7 @@ class AttentionProbe:
         self._enabled = True
         self.head_entropy: torch.Tensor | None = None
         self.entropy_normalised: torch.Tensor | None = None
+        self._last: tuple | None = None
         self._hf_restore: str | None = None
         self._hf_module = None
         self._capture_module = None
@@ -217,21 +238,20 @@ class AttentionProbe:
         return self
 
     def _attach_hf(self, model) -> None:
-        current = model.config._attn_implementation
+        current = hf_compat.attention_implementation(model)
         if current not in _PROBE_IMPLEMENTATIONS:
             raise ValueError(_unreadable_message(
                 model, f"its attention implementation is {current!r}; the probe wraps only 'sdpa' or 'eager' "
                        "(load it with attn_implementation='sdpa')"))
-        layers = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None
-                  and type(m).__name__.endswith("Attention")]
-        if not layers:
+        last = hf_compat.last_attention_layer(model)
+        if last is None:
             raise ValueError(_unreadable_message(model, "no attention module with a `layer_idx` was found"))
         _register_probe_implementations()
-        self._hf_module = max(layers, key=lambda m: m.layer_idx)
+        self._hf_module = last
         setattr(self._hf_module, _PROBE_ATTRIBUTE, self)
         self._hf_restore = current
         model.set_attn_implementation(_PROBE_IMPLEMENTATIONS[current])
-        if model.config._attn_implementation != _PROBE_IMPLEMENTATIONS[current]:
+        if hf_compat.attention_implementation(model) != _PROBE_IMPLEMENTATIONS[current]:
             self.detach_quietly()
             raise ValueError(_unreadable_message(model, "it does not accept a custom attention implementation"))
 
@@ -255,8 +275,14 @@ class AttentionProbe:
             self._capture_module = None
         self.model = None
 
-    def _record(self, probs: torch.Tensor, valid: torch.Tensor) -> None:
+    def _record(self, probs: torch.Tensor, valid: torch.Tensor, raw_scores: torch.Tensor | None = None) -> None:
         self.head_entropy, self.entropy_normalised = attention_entropy(probs, valid)
+        self._last = (probs, valid, raw_scores)
+
+    def read_metrics(self, batch_size: int) -> AttentionMetrics:
+        """entropix's attention metrics of the newest position after the latest recorded forward pass."""
+        self.read(batch_size)
+        return attention_metrics(*self._last)
 
     def read(self, batch_size: int) -> torch.Tensor:
         """Normalised attention entropy [B] of the newest position after the latest recorded forward pass."""

@@ -12,7 +12,7 @@ Syntax (it nests inside a comma-separated ``--samplers`` list, so it never uses 
     sample                          plain ancestral sampling (temperature 1, no truncation)
     power:alpha=4:steps=2:blocks=4  power sampling (PowerSampler); power:4 is power:alpha=4
     alpha    alpha:base_temperature=0.5          adaptive AlphaSampler (keys: AlphaSamplerConfig fields)
-    entropix entropix:use_attention=false        EntropixSampler (keys: EntropixConfig fields)
+    entropix entropix:faithful   entropix:use_attention=false   EntropixSampler (keys: EntropixConfig fields)
     pbit     pbit:swap   pbit:mode=gibbs:sweeps=50   p-bit network sampler (PBitSampler)
 
 Values are parsed as int, float, true/false or none, else kept as strings. Keys have short aliases (``steps`` for
@@ -179,7 +179,12 @@ _CHAIN_ALIASES = {
 _POWER_ALIASES = {
     "alpha": ("a",), "mcmc_steps": ("steps", "mcmc"), "block_size": ("block",), "num_blocks": ("blocks",),
     "proposal_temperature": ("ptemp", "proposal_temp"), "early_rejection": ("early",), "stop_at_eos": ("stop",),
-    "draft_tokens": ("drafts",),
+    "draft_tokens": ("drafts",), "proposals": ("tries",), "proposal_top_k": ("ptop_k", "ptopk"),
+    "proposal_top_p": ("ptop_p", "ptopp"),
+}
+_POWER_SMC_ALIASES = {
+    "alpha": ("a",), "particles": ("n",), "ess_threshold": ("ess",), "proposal_temperature": ("ptemp", "proposal_temp"),
+    "proposal_top_k": ("ptop_k", "ptopk"), "proposal_top_p": ("ptop_p", "ptopp"),
 }
 _CHAIN_ONLY = ("min_tokens_to_keep", "candidates")
 
@@ -200,10 +205,14 @@ SAMPLER_TYPES: dict[str, SamplerType] = {t.name: t for t in [
     SamplerType("power", "power sampling p^alpha by MCMC, power:alpha=4:steps=2:blocks=4",
                 "qllm_samplers.power:PowerSampler", aliases=_POWER_ALIASES, exclude=("pad_token_id",),
                 positional="alpha", kind="sequence"),
+    SamplerType("power-smc", "power sampling p^alpha by sequential Monte Carlo, power-smc:alpha=4:particles=8",
+                "qllm_samplers.smc:PowerSMC", aliases=_POWER_SMC_ALIASES, exclude=("pad_token_id", "return_particles"),
+                positional="alpha", kind="sequence"),
     SamplerType("alpha", "adaptive alpha sampler; keys: AlphaSamplerConfig fields", "qllm_samplers.alpha:AlphaSampler",
                 config="qllm_samplers.alpha:AlphaSamplerConfig"),
-    SamplerType("entropix", "entropix quadrant sampler; keys: EntropixConfig fields",
-                "qllm_samplers.entropix:EntropixSampler", config="qllm_samplers.entropix:EntropixConfig"),
+    SamplerType("entropix", "entropix quadrant sampler, entropix:MODE (normalised, faithful); keys: EntropixConfig "
+                "fields", "qllm_samplers.entropix:EntropixSampler", config="qllm_samplers.entropix:EntropixConfig",
+                positional="mode"),
     SamplerType("pbit", "p-bit network sampler, pbit:MODE (gibbs, swap, shifted, tempering)",
                 "qllm_samplers.pbit.token:PBitSampler", aliases={"max_retries": ("retries",), "top_k": ("topk",),
                                                                  "top_p": ("topp",)}, positional="mode"),

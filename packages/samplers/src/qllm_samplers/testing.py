@@ -9,6 +9,7 @@ test suite and in ``scripts/power_analysis.py``; useful to anyone testing a samp
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -72,3 +73,92 @@ def continuation_logprobs(model, continuations, temperature: float = 1.0,
     logprobs = torch.log_softmax(model(input_ids=ids).logits.double() / temperature, dim=-1)
     start = len(prompt) - 1
     return [[float(logprobs[r, start + j, t]) for j, t in enumerate(c)] for r, c in enumerate(continuations)]
+
+
+def exact_laws(model, alpha: float, max_new: int, eos: int | None, prompt: list[int] = PROMPT):
+    """Everything the exactness checks need on an enumerable LM: ``(continuations, lp, lq, log_p, power,
+    tokenwise)`` with per-token log p and log q (temperature 1/alpha) lists, log p(x) [C], the exact target
+    p^alpha [C] and the law of token-wise temperature 1/alpha [C] (float64)."""
+    conts = all_continuations(max_new, eos, vocab_size=model.config.vocab_size)
+    lp = continuation_logprobs(model, conts, prompt=prompt)
+    lq = continuation_logprobs(model, conts, 1 / alpha, prompt=prompt)
+    log_p = torch.tensor([sum(r) for r in lp], dtype=torch.float64)
+    tokenwise = torch.tensor([sum(r) for r in lq], dtype=torch.float64).exp()
+    return conts, lp, lq, log_p, torch.softmax(alpha * log_p, dim=0), tokenwise / tokenwise.sum()
+
+
+def _sum_of_draws(values: torch.Tensor, probs: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support and probabilities of the sum of ``draws`` iid picks from (values, probs), unmerged."""
+    total, mass = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    for _ in range(draws):
+        total = (total[:, None] + values[None, :]).reshape(-1)
+        mass = (mass[:, None] * probs[None, :]).reshape(-1)
+    return total, mass
+
+
+def mh_kernel(continuations, lp, lq, alpha: float, variant: str = "ours", proposals: int = 1) -> torch.Tensor:
+    """The exact transition matrix of one MH move of ``PowerSampler`` over whole continuations.
+
+    A uniform cut of the current state x (length n), then ``proposals`` = K suffixes drawn from q given the prefix.
+    K = 1: accept y with min(1, [p(y)^a q(x)] / [p(x)^a q(y)] * n / n'). K > 1 (multiple-try, independent
+    proposals): select y_J with probability w(y_J) / W, w = p^a / q, W the sum over the K proposals, and accept with
+    min(1, n / n' * W / (W - w(y_J) + w(x))) (docs/power.md derives both). The K-1 other proposals enter through
+    the distribution of their weight sum, enumerated exactly (cost grows as |suffixes|^(K+1): keep K small).
+
+    ``variant`` (K = 1 only): "ours" (PowerSampler), "no_length_term" (whole suffixes, no n / n'), or
+    "official_slice" (the official code: the current suffix sliced to the proposal's length, no length term).
+    """
+    if variant != "ours" and proposals != 1:
+        raise ValueError(f"variant {variant!r} is defined for proposals=1 only")
+    size = len(continuations)
+    kernel = torch.zeros(size, size, dtype=torch.float64)
+    for a, x in enumerate(continuations):
+        n = len(x)
+        for cut in range(n):
+            group = [b for b, y in enumerate(continuations) if len(y) > cut and y[:cut] == x[:cut]]
+            log_q = torch.tensor([sum(lq[b][cut:]) for b in group], dtype=torch.float64)
+            if variant == "official_slice":
+                current = [(alpha * sum(lp[a][cut:len(continuations[b])]) - sum(lq[a][cut:len(continuations[b])]))
+                           for b in group]
+            else:
+                current = [alpha * sum(lp[a][cut:]) - sum(lq[a][cut:])] * len(group)
+            log_w = torch.tensor([alpha * sum(lp[b][cut:]) for b in group], dtype=torch.float64) - log_q
+            log_len = torch.tensor([math.log(n) - math.log(len(continuations[b])) if variant == "ours" else 0.0
+                                    for b in group], dtype=torch.float64)
+            log_wx = torch.tensor(current, dtype=torch.float64)
+            if proposals == 1:
+                move = log_q.exp() * torch.clamp(torch.exp(log_w - log_wx + log_len), max=1.0)
+            else:
+                # the K-1 other proposals' weight sum T (its support and probabilities, [M])
+                others, mass = _sum_of_draws(log_w.exp(), log_q.exp(), proposals - 1)
+                w, wx = log_w.exp()[:, None], log_wx.exp()[:, None]
+                select = w / (w + others[None, :])
+                accept = torch.clamp(log_len.exp()[:, None] * (w + others[None, :]) / (others[None, :] + wx), max=1.0)
+                move = proposals * log_q.exp() * (select * accept * mass[None, :]).sum(1)
+            for b, value in zip(group, move.tolist()):
+                if b != a:
+                    kernel[a, b] += value / n
+        kernel[a, a] = 1.0 - kernel[a].sum()
+    return kernel
+
+
+def continuation_counts(out, continuations) -> torch.Tensor:
+    """How often each enumerated continuation occurs among the rows of a ``GenerateOutput`` [C] float64."""
+    index = {c: i for i, c in enumerate(continuations)}
+    counts = torch.zeros(len(continuations), dtype=torch.float64)
+    for row in range(out.sequences.shape[0]):
+        counts[index[tuple(out.new_tokens[row, :int(out.lengths[row])].tolist())]] += 1
+    return counts
+
+
+@torch.no_grad()
+def rescored_log_prob(model, out, temperature: float = 1.0) -> torch.Tensor:
+    """[B] log p (or log q at a temperature) of each row's continuation in ``out``, by one teacher-forced pass."""
+    from .lm import forward_step
+
+    logits, _ = forward_step(model, out.sequences, out.attention_mask)
+    logprobs = torch.log_softmax(logits.double() / temperature, dim=-1)[:, out.prompt_length - 1:-1]
+    new = out.new_tokens
+    picked = logprobs.gather(2, new[:, :, None]).squeeze(2)
+    valid = torch.arange(new.shape[1], device=new.device)[None, :] < out.lengths.to(new.device)[:, None]
+    return (picked * valid).sum(1)

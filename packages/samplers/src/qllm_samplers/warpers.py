@@ -35,17 +35,45 @@ FLOAT32_ROUNDOFF = 2.0**-24
 SUM_LANES = 8
 SLACK_ROUNDOFFS = 64  # per-element exp / rounding / our own float32 tail sum, generously
 TINY = 1e-30  # absolute slack: float32 underflow to 0 or denormals
+# The histogram top-p path compares float64 masses with transformers' float32 ones. Its normaliser is the float32
+# sum of the *sorted* row, ours that of the row as given: both are within a few ulps of the exact sum (measured:
+# under 1e-6 relative at V = 151,936), and boundaries closer than this bound go to the sort. (A worst-case
+# bound for float32 summation, ~V/8 ulps, would send every flat row to the sort.) PyTorch's CPU cumsum
+# accumulates float32 in float64, so the normaliser is the only float32 sum whose order matters.
+NORMALISER_RELATIVE_ERROR = 4e-6
+HISTOGRAM_BINS = 4096
+MAX_BOUNDARY_TOKENS = 4096  # a boundary bin with more tokens than this (near-constant rows) is sorted instead
+EXP_UNDERFLOW = 104.0  # exp(x) is exactly 0 in float32 below -103.97
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # parameters and checks
 
 
-def _param(value: ParamLike, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-           high_open: bool = False, integer: bool = False) -> float | int | torch.Tensor:
-    """Validate a scalar or per-row parameter once (at construction, never in the hot path)."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# Allowed ranges, keyed by the name SamplingChain (and the sampler specs) use; each warper validates its own
+# constructor argument with the same range under its own name (Typical's ``mass``, RepetitionPenalty's ``penalty``).
+# Temperature and penalty must be finite in float32: above that their float32 value is inf, and -inf / inf is NaN.
+PARAMETER_RANGES: dict[str, dict] = {
+    "temperature": dict(low=0.0, high=FLOAT32_MAX),
+    "top_k": dict(low=1, integer=True),
+    "top_p": dict(low=0.0, high=1.0, low_open=True),
+    "min_p": dict(low=0.0, high=1.0),
+    "typical_p": dict(low=0.0, high=1.0, low_open=True, high_open=True),
+    "repetition_penalty": dict(low=0.0, high=FLOAT32_MAX, low_open=True),
+}
+
+
+def validate_parameter(value: ParamLike, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                       high_open: bool = False, integer: bool = False) -> float | int | torch.Tensor:
+    """Validate a scalar or per-row parameter once (at construction, never in the hot path).
+
+    Returns a Python number, or a CPU [B] tensor (float64, or int64 for integers). NaN, inf and values outside
+    the range raise a ValueError naming ``name`` and the allowed range.
+    """
     lo, hi = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")
-    allowed = f"{lo}{low}, {'inf' if high == math.inf else high}{hi}"
+    allowed = f"{lo}{low}, {'inf' if high == math.inf else (high if high < 1e6 else f'{high:.4g}')}{hi}"
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool):
         raise ValueError(f"{name} must be {kind} in {allowed}, got {value!r}")
@@ -66,13 +94,16 @@ def _param(value: ParamLike, name: str, *, low: float, high: float = math.inf, l
     tensor = tensor.to(torch.float64)
     too_low = tensor <= low if low_open else tensor < low
     too_high = tensor >= high if high_open else tensor > high
-    bad = torch.isnan(tensor) | too_low | too_high
+    bad = torch.isnan(tensor) | too_low | too_high | torch.isinf(tensor)
     if bad.any():
         shown = value if scalar else tensor[bad].tolist()
         raise ValueError(f"{name} must be {kind} in {allowed}, got {shown}")
     if scalar:
         return int(value) if integer else float(value)
     return tensor.to(torch.int64) if integer else tensor
+
+
+_param = validate_parameter
 
 
 def _min_tokens(min_tokens_to_keep: int) -> int:
@@ -99,11 +130,44 @@ def check_scores(scores: torch.Tensor, row_max: torch.Tensor | None = None) -> N
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be a [batch, vocab] tensor, got shape {tuple(scores.shape)}")
+    if scores.shape[1] == 0:
+        raise ValueError("scores: the vocabulary is empty (shape [batch, 0]); allowed: at least one token")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor of logits, got {scores.dtype}")
     if row_max is None:
         row_max = scores.amax(dim=-1)
     if not torch.isfinite(row_max).all():
         check_logits(scores, "scores")
         raise ValueError("scores: a logit is +inf; allowed: finite values or -inf")
+
+
+def check_scaled(scaled: torch.Tensor, raw: torch.Tensor, cause: str, row_max: torch.Tensor | None = None) -> None:
+    """``check_scores`` for logits after division by a temperature or penalty: when ``raw`` was fine, a NaN,
+    +inf or all -inf row in ``scaled`` is the parameter's fault, and the message names it."""
+    if row_max is None and scaled.dim() == 2 and scaled.shape[1] > 0:
+        row_max = scaled.amax(dim=-1)
+    if row_max is not None and torch.isfinite(row_max).all():
+        return
+    check_scores(raw)
+    raise ValueError(f"{cause}: dividing the logits by it leaves no finite logit in some row ({scaled.dtype} "
+                     f"overflows, max |logit| {float(raw[torch.isfinite(raw)].abs().max()):.4g}); allowed: a value "
+                     f"for which |logit| / {cause} stays below {float(torch.finfo(scaled.dtype).max):.4g}")
+
+
+def check_input_ids(input_ids: torch.Tensor | None, batch: int, needed_by: str) -> None:
+    """ValueError unless ``input_ids`` are integer token ids >= 0 with one row per row of scores."""
+    if input_ids is None:
+        raise ValueError(f"input_ids: {needed_by} needs the tokens so far, got None")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise ValueError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+    if input_ids.shape[0] != batch:
+        raise ValueError(f"input_ids has {input_ids.shape[0]} rows but scores has {batch}; allowed: one row of "
+                         "token ids per row of scores")
+    if input_ids.numel() and bool((input_ids < 0).any()):
+        raise ValueError(f"input_ids must be token ids >= 0, got {int(input_ids.min())}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,20 +180,47 @@ def keep_argmax(scores: torch.Tensor, filter_value: float = -math.inf) -> torch.
     return torch.full_like(scores, filter_value).scatter_(1, best, scores.gather(1, best))
 
 
+def divide_rows(scores: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """``scores / divisor[:, None]`` computed as transformers computes ``scores / python_float``.
+
+    PyTorch divides a tensor by a Python scalar in the dtype's "opmath" type: float32 for float16/bfloat16 (the
+    result rounded once to the scores' dtype), the dtype itself otherwise (a float32 tensor divides by the scalar
+    rounded to float32). Rounding the divisor to float16 first, as ``divisor.to(scores.dtype)`` would, changes
+    the result by up to 0.03 at temperature 0.7.
+    """
+    compute = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    return (scores.to(compute) / divisor.to(compute)[:, None]).to(scores.dtype)
+
+
+def multiply_rows(scores: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``scores * factor[:, None]`` in transformers' arithmetic (see ``divide_rows``)."""
+    compute = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    return (scores.to(compute) * factor.to(compute)[:, None]).to(scores.dtype)
+
+
 def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor, any_greedy: bool = True) -> torch.Tensor:
     greedy = temperature == 0
-    scaled = scores / torch.where(greedy, 1.0, temperature).to(scores.dtype)[:, None]
+    scaled = divide_rows(scores, torch.where(greedy, 1.0, temperature))
     if not any_greedy:
         return scaled
     return torch.where(greedy[:, None], keep_argmax(scores), scaled)
 
 
-def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, k_max: int, filter_value: float) -> torch.Tensor:
-    """``top_k`` already includes min_tokens_to_keep (transformers keeps max(top_k, min_tokens_to_keep))."""
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor | int, k_max: int, filter_value: float) -> torch.Tensor:
+    """``top_k`` already includes min_tokens_to_keep (transformers keeps max(top_k, min_tokens_to_keep)).
+
+    One ``torch.topk`` and one masked fill, as transformers does. With one k for every row the k-th value is the
+    minimum of an unsorted top-k (no sort of the k values); per-row k needs them sorted to pick each row's k-th.
+    """
     vocab = scores.shape[-1]
-    values = scores.topk(min(k_max, vocab), dim=-1).values
-    check_scores(scores, values[:, 0])
-    kth = values.gather(1, (top_k.clamp(max=min(k_max, vocab)) - 1)[:, None])  # transformers clamps k to V
+    if isinstance(top_k, int):
+        values = scores.topk(min(top_k, vocab), dim=-1, sorted=False).values
+        check_scores(scores, values.amax(dim=-1))
+        kth = values.amin(dim=-1, keepdim=True)
+    else:
+        values = scores.topk(min(k_max, vocab), dim=-1).values
+        check_scores(scores, values[:, 0])
+        kth = values.gather(1, (top_k.clamp(max=min(k_max, vocab)) - 1)[:, None])  # transformers clamps k to V
     return scores.masked_fill(scores < kth, filter_value)
 
 
@@ -142,34 +233,38 @@ def canonical_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return values, ids.gather(1, order)
 
 
-def top_p_threshold(top_p: torch.Tensor) -> torch.Tensor:
-    """transformers compares float32 cumulative sums with the Python float 1 - top_p, cast to float32."""
-    return (1.0 - top_p.to(torch.float64)).to(torch.float32)
+def top_p_threshold(top_p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float64 value transformers' comparison ``cumulative_probs <= 1 - top_p`` effectively uses.
+
+    PyTorch compares a tensor with a Python float in the tensor's dtype, so 1 - top_p is rounded to float32 for
+    float32 scores (and to float16/bfloat16 for those) but kept exact for float64 scores.
+    """
+    return (1.0 - top_p.to(torch.float64)).to(dtype).to(torch.float64)
 
 
 def top_p_sorted(scores: torch.Tensor, threshold: torch.Tensor, min_tokens_to_keep: int,
                  filter_value: float) -> torch.Tensor:
-    """transformers' algorithm (sort, softmax, cumulative sum from the low end), with our tie rule.
+    """transformers' algorithm itself (sort, softmax, cumulative sum from the low end, same kernels).
 
-    The ascending sequence of values is the same whatever order the sort gives tied logits, so the float32
-    softmax and cumsum are bit-identical to transformers'. Only where tied logits straddle the cut do we fix
-    which of them stay: the lowest ids.
+    Which of several exactly tied tokens straddling the cut stay is whatever ``torch.sort`` (not stable) puts
+    last; the fast paths send such rows here, so kept sets are transformers' ties included.
     """
     vocab = scores.shape[-1]
     values, ids = scores.sort(dim=-1)
     cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= threshold.to(cumulative.dtype)[:, None]
+    remove = cumulative <= threshold.to(cumulative.dtype)[:, None]  # exact: threshold is already in that dtype
     remove[:, vocab - min(min_tokens_to_keep, vocab):] = False
-    remove_by_id = torch.empty_like(remove).scatter_(1, ids, remove)
-    # the cumulative sum is non-decreasing, so the removed tokens are a prefix of the ascending order
-    cut = remove.sum(-1).clamp(min=1, max=vocab - 1)[:, None]
-    straddles = (values.gather(1, cut - 1) == values.gather(1, cut))[:, 0] & remove.any(-1) & ~remove.all(-1)
-    rows = straddles.nonzero().squeeze(-1)
-    if rows.numel():
-        tied = scores[rows] == values[rows].gather(1, cut[rows])
-        kept_tied = (tied & ~remove_by_id[rows]).sum(-1, keepdim=True)
-        remove_by_id[rows] = torch.where(tied, tied.cumsum(-1) > kept_tied, remove_by_id[rows])
-    return scores.masked_fill(remove_by_id, filter_value)
+    return scores.masked_fill(remove.scatter(1, ids, remove), filter_value)
+
+
+def cut_splits_tie(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Whether keeping the first ``count`` of the descending ``values`` [B, K] separates exactly tied tokens
+    (then which of them transformers keeps depends on its sort's order, and only the sort path reproduces it)."""
+    k = values.shape[1]
+    inside = (count >= 1) & (count < k)
+    last = values.gather(1, (count.clamp(min=1, max=k) - 1)[:, None])[:, 0]
+    first_out = values.gather(1, count.clamp(min=0, max=k - 1)[:, None])[:, 0]
+    return inside & (last == first_out)
 
 
 def nucleus_count(values: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, vocab: int,
@@ -201,11 +296,11 @@ def nucleus_count(values: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
     matters = (rank > min_tokens_to_keep) & (mass_below > 0)
     uncertain = (((mass_below - thr).abs() <= eps) & matters).any(-1) | (threshold <= 0)
     count = keep.sum(-1).clamp(min=min_tokens_to_keep)
-    ok = ~uncertain & _prefix_inside(values, count)
+    ok = ~uncertain & prefix_inside(values, count) & ~cut_splits_tie(values, count)
     return count, ok, uncertain
 
 
-def _prefix_inside(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def prefix_inside(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Whether the first ``count`` candidates are exactly the row's top ``count`` tokens with nothing outside the
     candidates tied to the last one: true when the last kept value is strictly above the smallest candidate."""
     k = values.shape[1]
@@ -226,50 +321,91 @@ def candidate_probs(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tens
     return picked / total[:, None], tail / total
 
 
-def top_p_fast(scores: torch.Tensor, top_p: torch.Tensor, min_tokens_to_keep: int, filter_value: float,
-               candidates: int = 512) -> torch.Tensor:
-    """transformers' top-p without sorting the vocabulary.
+def nucleus_by_histogram(scores: torch.Tensor, threshold: torch.Tensor, min_tokens_to_keep: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' top-p removal mask of float32 rows without sorting: ``(remove [B, V], ok [B])``.
 
-    The nucleus is a prefix of the tokens in descending order, so it is found among the ``torch.topk``
-    candidates once each row's full normaliser is known (one softmax pass). Rows whose nucleus is not inside
-    the candidates try a 16x larger candidate set (if it could hold the nucleus at all); rows that are still
-    undecided (flat rows, a boundary within rounding distance) go through the exact sort path, so the kept set is
-    always transformers'.
+    One softmax and one histogram of the probability mass over ``HISTOGRAM_BINS`` equal-width logit bins (a
+    scatter-add, since the logit order is the probability order) locate the bin holding the nucleus boundary.
+    Only that bin's tokens are ordered (a ``torch.topk`` of a few hundred values on flat rows): every token below
+    it is removed, every token above it kept, and inside it transformers' rule (remove while the float32
+    cumulative mass from the low end is <= 1 - top_p, ties broken by the tie rule) is applied to float64 masses.
+
+    ``ok`` is False where the answer is not certain to be transformers': a boundary mass within
+    ``NORMALISER_RELATIVE_ERROR`` of the threshold (transformers normalises the *sorted* row, whose float32 sum
+    differs from ours by a few ulps), a boundary bin with more than ``MAX_BOUNDARY_TOKENS`` tokens, or fewer kept
+    tokens than ``min_tokens_to_keep``. The caller sorts those rows.
     """
     batch, vocab = scores.shape
+    probs = scores.softmax(dim=-1)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # Tokens more than EXP_UNDERFLOW below the maximum have probability exactly 0: they all share bin 0.
+    low = torch.maximum(scores.amin(dim=-1, keepdim=True), row_max - EXP_UNDERFLOW)
+    scale = HISTOGRAM_BINS / (row_max - low).clamp(min=1e-30)
+    bins = ((scores - low) * scale).clamp_(0, HISTOGRAM_BINS - 1).to(torch.int64)  # monotone in the logit
+    mass = torch.zeros(batch, HISTOGRAM_BINS, dtype=torch.float64, device=scores.device)
+    cumulative = mass.scatter_add_(1, bins, probs.to(torch.float64)).cumsum(dim=-1)
+    thr = threshold[:, None]
+    boundary = (cumulative <= thr).sum(dim=-1).clamp(max=HISTOGRAM_BINS - 1)
+    below = torch.where(boundary > 0, cumulative.gather(1, (boundary - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    in_bin = bins == boundary[:, None]
+    counts = in_bin.sum(dim=-1)
+    width = min(int(counts.max()), MAX_BOUNDARY_TOKENS)
+    values, ids = canonical_topk(torch.where(in_bin, scores, -math.inf), width)
+    valid = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
+    picked = probs.gather(1, ids).to(torch.float64) * valid
+    # Canonical order is descending, so the ascending mass up to and including candidate i is everything after it.
+    mass_through = below[:, None] + picked.flip(-1).cumsum(-1).flip(-1)
+    remove_in_bin = (mass_through <= thr) & valid
+    kept_in_bin = counts - remove_in_bin.sum(dim=-1)
+    margin = NORMALISER_RELATIVE_ERROR + 4 * FLOAT32_ROUNDOFF
+    close = ((mass_through - thr).abs() <= margin * mass_through + TINY) & valid
+    ok = ~close.any(dim=-1) & ((below - threshold).abs() > margin * below + TINY) & (counts <= MAX_BOUNDARY_TOKENS)
+    ok &= threshold > 0  # top_p = 1: only float32 underflow decides, which only the sort reproduces
+    ok &= ~cut_splits_tie(values.masked_fill(~valid, -math.inf), kept_in_bin) | (kept_in_bin == counts)
+    remove = bins < boundary[:, None]
+    remove.scatter_(1, ids, remove_in_bin | remove.gather(1, ids))
+    if min_tokens_to_keep > 1:
+        ok &= vocab - remove.sum(dim=-1) >= min_tokens_to_keep
+    return remove, ok
+
+
+def top_p_fast(scores: torch.Tensor, top_p: torch.Tensor, min_tokens_to_keep: int, filter_value: float,
+               candidates: int = 512) -> torch.Tensor:
+    """transformers' top-p without sorting the vocabulary (float32 rows; other dtypes take the sort).
+
+    Peaked rows: the nucleus is a prefix of the tokens in descending order, so it is found among the
+    ``torch.topk`` candidates once the row's normaliser is known (``nucleus_count``). Other rows (flat rows,
+    whose nucleus holds thousands of tokens): ``nucleus_by_histogram``. Rows neither can decide with certainty
+    go through the exact sort path, so the kept set is always transformers'.
+    """
+    batch, vocab = scores.shape
+    if scores.dtype != torch.float32:
+        check_scores(scores)
+        return top_p_sorted(scores, top_p_threshold(top_p, scores.dtype), min_tokens_to_keep, filter_value)
     threshold = top_p_threshold(top_p)
     out = torch.full_like(scores, filter_value)
-    pending = torch.arange(batch, device=scores.device)
-    to_sort = []
     k = max(candidates, min_tokens_to_keep + 1)
-    checked = False
-    while scores.dtype == torch.float32 and pending.numel() and 2 * k < vocab:
-        rows = scores if pending.numel() == batch else scores[pending]
-        values, ids = canonical_topk(rows, k)
-        if not checked:
-            check_scores(scores, values[:, 0])
-            checked = True
-        probs, tail = candidate_probs(rows, ids)
-        count, ok, uncertain = nucleus_count(values, probs, tail, vocab, threshold[pending], min_tokens_to_keep)
+    if 2 * k < vocab:
+        values, ids = canonical_topk(scores, k)
+        check_scores(scores, values[:, 0])
+        probs, tail = candidate_probs(scores, ids)
+        count, ok, _ = nucleus_count(values, probs, tail, vocab, threshold, min_tokens_to_keep)
         kept = torch.arange(k, device=scores.device)[None, :] < count[:, None]
-        out[pending[ok][:, None], ids[ok]] = values[ok].masked_fill(~kept[ok], filter_value)
-        # Tokens outside the candidates are no more probable than the last one, which bounds what a 16x larger
-        # candidate set could hold; rows that cannot reach top_p there go straight to the sort, and so do rows
-        # whose candidates hold less than a third of top_p (flat rows: a speed heuristic, never a correctness one).
-        larger = 16 * k
-        mass = 1 - tail
-        reachable = (mass + (larger - k) * probs[:, -1] >= top_p[pending] - 1e-6) & (mass >= top_p[pending] / 3)
-        retry = ~ok & ~uncertain & reachable & (2 * larger < vocab)
-        to_sort.append(pending[~ok & ~retry])
-        pending, k = pending[retry], larger
-    to_sort.append(pending)
-    sort_rows = torch.cat(to_sort)
-    if not checked:
+        out[ok.nonzero()[:, 0][:, None], ids[ok]] = values[ok].masked_fill(~kept[ok], filter_value)
+        pending = (~ok).nonzero()[:, 0]
+    else:
         check_scores(scores)
-    if sort_rows.numel() == batch:
+        pending = torch.arange(batch, device=scores.device)
+    if pending.numel() and 2 * MAX_BOUNDARY_TOKENS < vocab:
+        rows = scores if pending.numel() == batch else scores[pending]
+        remove, ok = nucleus_by_histogram(rows, threshold[pending], min_tokens_to_keep)
+        out[pending[ok]] = rows[ok].masked_fill(remove[ok], filter_value)
+        pending = pending[~ok]
+    if pending.numel() == batch:
         return top_p_sorted(scores, threshold, min_tokens_to_keep, filter_value)
-    if sort_rows.numel():
-        out[sort_rows] = top_p_sorted(scores[sort_rows], threshold[sort_rows], min_tokens_to_keep, filter_value)
+    if pending.numel():
+        out[pending] = top_p_sorted(scores[pending], threshold[pending], min_tokens_to_keep, filter_value)
     return out
 
 
@@ -310,8 +446,7 @@ def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, pena
     input_ids = input_ids.clamp(max=vocab)
     padded = F.pad(scores, (0, 1))
     seen = padded.gather(1, input_ids)
-    factor = penalty.to(scores.dtype)[:, None]
-    seen = torch.where(seen < 0, seen * factor, seen / factor)
+    seen = torch.where(seen < 0, multiply_rows(seen, penalty), divide_rows(seen, penalty))
     return padded.scatter(1, input_ids, seen)[:, :vocab]
 
 
@@ -322,31 +457,40 @@ def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, pena
 class Temperature:
     """``scores / temperature``; a temperature of 0 (per row) keeps only the row's argmax (greedy)."""
 
+    truncating = False  # changes the logits of kept tokens
+    reads_input_ids = False
+
     def __init__(self, temperature: ParamLike):
-        self.temperature = _param(temperature, "temperature", low=0.0)
+        self.temperature = _param(temperature, "temperature", **PARAMETER_RANGES["temperature"])
         self.any_greedy = bool((torch.as_tensor(self.temperature) == 0).any())
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        check_scores(scores)
-        return apply_temperature(scores, rows(self.temperature, scores.shape[0], scores.device, "temperature"),
-                                 self.any_greedy)
+        if scores.dim() != 2 or scores.shape[-1] == 0:
+            check_scores(scores)
+        scaled = apply_temperature(scores, rows(self.temperature, scores.shape[0], scores.device, "temperature"),
+                                   self.any_greedy)
+        check_scaled(scaled, scores, "temperature")
+        return scaled
 
 
 class TopK:
     """Keep the tokens whose logit is >= the k-th largest (ties with the k-th are all kept, as in transformers)."""
 
+    truncating = True  # only removes tokens from the distribution it is given
+    reads_input_ids = False
+
     def __init__(self, top_k: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.top_k = _param(top_k, "top_k", low=1, integer=True)
+        self.top_k = _param(top_k, "top_k", **PARAMETER_RANGES["top_k"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
         k = torch.as_tensor(self.top_k).clamp(min=self.min_tokens_to_keep)
         self.k_max = int(k.max())
-        self._k = int(k) if isinstance(self.top_k, int) else k
+        self.k = int(k) if isinstance(self.top_k, int) else k  # max(top_k, min_tokens_to_keep), per row or not
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2:
+        if scores.dim() != 2 or scores.shape[-1] == 0:
             check_scores(scores)
-        k = rows(self._k, scores.shape[0], scores.device, "top_k")
+        k = self.k if isinstance(self.k, int) else rows(self.k, scores.shape[0], scores.device, "top_k")
         return apply_top_k(scores, k, self.k_max, self.filter_value)
 
 
@@ -357,9 +501,12 @@ class TopP:
     rows whose nucleus is not inside it.
     """
 
+    truncating = True  # only removes tokens from the distribution it is given
+    reads_input_ids = False
+
     def __init__(self, top_p: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1, *,
                  candidates: int = 512):
-        self.top_p = _param(top_p, "top_p", low=0.0, high=1.0, low_open=True)
+        self.top_p = _param(top_p, "top_p", **PARAMETER_RANGES["top_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -367,7 +514,7 @@ class TopP:
         self.candidates = candidates
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2:
+        if scores.dim() != 2 or scores.shape[-1] == 0:
             check_scores(scores)
         top_p = rows(self.top_p, scores.shape[0], scores.device, "top_p")
         return top_p_fast(scores, top_p, self.min_tokens_to_keep, self.filter_value, self.candidates)
@@ -376,13 +523,16 @@ class TopP:
 class MinP:
     """Drop tokens whose probability is below ``min_p`` times the row's top probability."""
 
+    truncating = True  # only removes tokens from the distribution it is given
+    reads_input_ids = False
+
     def __init__(self, min_p: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.min_p = _param(min_p, "min_p", low=0.0, high=1.0)
+        self.min_p = _param(min_p, "min_p", **PARAMETER_RANGES["min_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2:
+        if scores.dim() != 2 or scores.shape[-1] == 0:
             check_scores(scores)
         min_p = rows(self.min_p, scores.shape[0], scores.device, "min_p")
         return apply_min_p(scores, min_p, self.min_tokens_to_keep, self.filter_value)
@@ -391,8 +541,11 @@ class MinP:
 class Typical:
     """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprise is closest to the entropy."""
 
+    truncating = True  # only removes tokens from the distribution it is given
+    reads_input_ids = False
+
     def __init__(self, mass: ParamLike = 0.9, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.mass = _param(mass, "mass", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.mass = _param(mass, "mass", **PARAMETER_RANGES["typical_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
 
@@ -409,15 +562,19 @@ class RepetitionPenalty:
     ``input_ids`` count (None: all of them, prompt included, as in transformers).
     """
 
+    truncating = False  # changes the logits of kept tokens
+    reads_input_ids = True
+
     def __init__(self, penalty: ParamLike, window: int | None = None):
-        self.penalty = _param(penalty, "penalty", low=0.0, low_open=True)
+        self.penalty = _param(penalty, "penalty", **PARAMETER_RANGES["repetition_penalty"])
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
         self.window = window
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         check_scores(scores)
-        if input_ids is None:
-            raise ValueError("input_ids: the repetition penalty needs the tokens so far, got None")
+        check_input_ids(input_ids, scores.shape[0], "RepetitionPenalty")
         penalty = rows(self.penalty, scores.shape[0], scores.device, "penalty")
-        return apply_repetition_penalty(input_ids, scores, penalty, self.window)
+        penalised = apply_repetition_penalty(input_ids, scores, penalty, self.window)
+        check_scaled(penalised, scores, "penalty")
+        return penalised

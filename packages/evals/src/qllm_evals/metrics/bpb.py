@@ -35,11 +35,42 @@ from torchmetrics import Metric
 
 from qllm_samplers.lm import context_limit
 
+# ------------------------------------------------------------------------------------------------- functional core
+
+
+def nll_and_count(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL in nats (float64) over the scored targets, and their number (long).
+
+    Each token's cross-entropy is computed in float32 and the sum is taken in float64: float32 values summed in
+    float64 lose nothing at corpus sizes, so the total does not depend on how the tokens were split into batches or
+    processes (a float32 sum would).
+    """
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=ignore_index, reduction="none")
+    return losses.double().sum(), (targets != ignore_index).sum()
+
+
+def bits_per_byte_from_sums(nll_sum: torch.Tensor | float, num_bytes: torch.Tensor | int) -> torch.Tensor:
+    """Total NLL (nats) / ln 2 / bytes."""
+    return torch.as_tensor(nll_sum, dtype=torch.float64) / math.log(2) / num_bytes
+
+
 # ------------------------------------------------------------------------------------------------- metrics
 
 
+def _check_count(name: str, value: torch.Tensor | int) -> None:
+    # Plain numbers only: reading a tensor here would sync the device once per batch.
+    if not isinstance(value, torch.Tensor) and int(value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 class _NLLSums(Metric):
-    """Summed negative log-likelihood (nats), scored tokens and their UTF-8 bytes, summed across processes."""
+    """Summed negative log-likelihood (nats), scored tokens and their UTF-8 bytes, summed across processes.
+
+    Updates are out of place: Lightning runs validation under ``torch.inference_mode()``, where ``reset()`` makes the
+    states inference tensors, which refuse in-place updates once outside it.
+    """
 
     full_state_update = False
     higher_is_better = False
@@ -52,17 +83,20 @@ class _NLLSums(Metric):
         self.add_state("byte_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, nll_sum: torch.Tensor | float, num_tokens: torch.Tensor | int,
-               num_bytes: torch.Tensor | int) -> None:
-        """Add the summed NLL (nats) of ``num_tokens`` scored tokens that cover ``num_bytes`` bytes of text."""
-        if int(num_tokens) < 0 or int(num_bytes) < 0:
-            raise ValueError(f"num_tokens and num_bytes must be >= 0, got {int(num_tokens)} and {int(num_bytes)}")
-        self.nll_sum += torch.as_tensor(nll_sum, dtype=torch.float64, device=self.nll_sum.device).detach()
-        self.token_count += int(num_tokens)
-        self.byte_count += int(num_bytes)
+               num_bytes: torch.Tensor | int | None = None) -> None:
+        """Add the summed NLL (nats) of ``num_tokens`` scored tokens that cover ``num_bytes`` bytes of text
+        (default: one byte per token, as for the byte-level QLLM)."""
+        num_bytes = num_tokens if num_bytes is None else num_bytes
+        _check_count("num_tokens", num_tokens)
+        _check_count("num_bytes", num_bytes)
+        device = self.nll_sum.device
+        self.nll_sum = self.nll_sum + torch.as_tensor(nll_sum, dtype=torch.float64, device=device).detach()
+        self.token_count = self.token_count + torch.as_tensor(num_tokens, dtype=torch.long, device=device)
+        self.byte_count = self.byte_count + torch.as_tensor(num_bytes, dtype=torch.long, device=device)
 
     def _need(self, state: torch.Tensor, what: str) -> None:
         if int(state) == 0:
-            raise ValueError(f"{type(self).__name__}.compute(): no {what} were scored (empty text?)")
+            raise ValueError(f"{type(self).__name__}.compute(): no {what} were scored (empty text or split?)")
 
 
 class BitsPerByte(_NLLSums):
@@ -70,7 +104,7 @@ class BitsPerByte(_NLLSums):
 
     def compute(self) -> torch.Tensor:
         self._need(self.byte_count, "bytes")
-        return self.nll_sum / math.log(2) / self.byte_count
+        return bits_per_byte_from_sums(self.nll_sum, self.byte_count)
 
 
 class TokenPerplexity(_NLLSums):

@@ -26,9 +26,13 @@ def load_alpaca_eval(path: Path | None = None, n: int | None = None, seed: int =
     if path is None:
         try:
             from huggingface_hub import hf_hub_download
-
+        except ImportError as error:
+            raise ImportError(
+                f"fetching {HUB_FILE} from the hub needs huggingface_hub; offline, pass path= to a local {HUB_FILE}"
+            ) from error
+        try:
             path = Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset"))
-        except Exception as error:
+        except OSError as error:  # offline, or the hub refused (huggingface_hub's errors are OSErrors)
             raise FileNotFoundError(
                 f"AlpacaEval instructions need the hub ({HUB_REPO}, {error}); offline, pass path= to a local "
                 f"{HUB_FILE}"

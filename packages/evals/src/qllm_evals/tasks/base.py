@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -36,22 +37,48 @@ class Task(Protocol):
         ...
 
 
-def default_data_dir() -> Path:
-    """``$QLLM_SHARED_DATA``, else ``../shared/data`` next to the repository (or the working directory)."""
-    if os.environ.get("QLLM_SHARED_DATA"):
-        return Path(os.environ["QLLM_SHARED_DATA"])
-    repo_root = Path(__file__).resolve().parents[5]  # packages/evals/src/qllm_evals/tasks/base.py
-    candidates = [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), candidates[-1])
+DATA_DIR_ENV = "QLLM_SHARED_DATA"
+
+
+def default_data_dir() -> Path | None:
+    """``$QLLM_SHARED_DATA`` when set, else None: the library does not guess where the data lives (scripts
+    pass ``--data-dir``)."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else None
+
+
+def resolve_data_dir(data_dir: Path | str | None, label: str = "data_dir (--data-dir)") -> Path | None:
+    """``data_dir`` as a Path, else ``$QLLM_SHARED_DATA``, else None (then only the hub can help). ValueError
+    naming ``label`` when an explicit directory does not exist."""
+    if data_dir is None:
+        return default_data_dir()
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise ValueError(f"{label} must be an existing directory holding the shared data, got {str(path)!r}")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """The file's text (gzip-decompressed for ``.gz``); ValueError naming the file and line for bad UTF-8."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[error.start]:#04x} at offset {error.start})"
+        ) from None
 
 
 def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """Objects of a JSON list or a JSONL file, each with where it came from ("file:line" or "file[index]").
+    """Objects of a JSON list or a JSONL file (``.gz`` too), each with where it came from ("file:line" or
+    "file[item i]").
 
-    A row that is not JSON, not an object, or lacks a ``required`` key raises ValueError naming file and line.
+    An empty file, bad UTF-8, a row that is not JSON, not an object, or lacks a ``required`` string key raises
+    ValueError naming file and line.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     records: list[tuple[str, dict]] = []
     if text.lstrip().startswith("["):
         try:
@@ -67,6 +94,8 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[str, dict]
                 records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({error.msg})") from error
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty); expected objects with {', '.join(required)}")
     for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -93,19 +122,27 @@ def subset(items: list, n: int | None, seed: int, what: str = "problems") -> lis
     return [items[i] for i in sorted(order[:n])]
 
 
-def load_hub_rows(repo: str, split: str, config: str | None, local_path: Path) -> list[dict]:
-    """Rows of a hub dataset, for when the local file is missing; FileNotFoundError naming both when
-    offline."""
+def load_hub_rows(repo: str, split: str, config: str | None, local_path: Path | None) -> list[dict]:
+    """Rows of a hub dataset, for when the local file is missing (``local_path``, None when no data directory
+    was given). A missing ``datasets`` package raises ImportError; a hub that cannot be reached (offline)
+    raises FileNotFoundError naming both places looked."""
+    local = (f"{local_path} does not exist" if local_path is not None
+             else f"no data directory was given (data_dir / --data-dir, or ${DATA_DIR_ENV})")
     try:
         from datasets import load_dataset
-
-        dataset = load_dataset(repo, config, split=split) if config else load_dataset(repo, split=split)
-        return [dict(row) for row in dataset]
-    except Exception as error:  # offline, no datasets, or the hub refused: report both places we looked
-        raise FileNotFoundError(
-            f"{local_path} does not exist and the hub dataset {repo!r} could not be loaded ({error}). "
-            f"Offline, pass data_dir= (or set QLLM_SHARED_DATA) to the directory holding the shared data."
+    except ImportError as error:
+        raise ImportError(
+            f"{local}, and loading {repo!r} from the hub needs the datasets package "
+            f"(pip install datasets); or pass data_dir (--data-dir) / set {DATA_DIR_ENV} to the shared data"
         ) from error
+    try:
+        dataset = load_dataset(repo, config, split=split) if config else load_dataset(repo, split=split)
+    except (OSError, ConnectionError) as error:  # offline, or the hub refused (datasets raises these kinds)
+        raise FileNotFoundError(
+            f"{local} and the hub dataset {repo!r} could not be loaded ({error}). "
+            f"Offline, pass data_dir (--data-dir) or set {DATA_DIR_ENV} to the directory holding the shared data."
+        ) from error
+    return [dict(row) for row in dataset]
 
 
 def check_common_fields(task) -> None:

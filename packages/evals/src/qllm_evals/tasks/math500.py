@@ -1,7 +1,8 @@
 """MATH-500 (Lightman et al.'s 500-problem test subset of MATH), graded by math-verify on the last \\boxed{}.
 
 Local file first (``<data_dir>/math500/MATH500.json``: a JSON list or JSONL of objects with prompt, answer,
-id), else the hub dataset ``HuggingFaceH4/MATH-500`` (keys problem, answer, unique_id) when online.
+id; ``data_dir`` defaults to ``$QLLM_SHARED_DATA``), else the hub dataset ``HuggingFaceH4/MATH-500`` (keys
+problem, answer, unique_id) when online.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from qllm_evals.grading import extract_boxed, math_equal
 from qllm_evals.tasks.base import (
     Problem,
     check_common_fields,
-    default_data_dir,
     load_hub_rows,
     read_records,
+    resolve_data_dir,
     subset,
 )
 
@@ -41,12 +42,14 @@ class Math500Task:
         check_common_fields(self)
 
     def load(self, n: int | None = None, seed: int = 0, data_dir: Path | None = None) -> list[Problem]:
-        path = (
-            Path(self.path)
-            if self.path
-            else Path(data_dir or default_data_dir()) / "math500" / "MATH500.json"
-        )
-        if path.is_file():
+        if self.path:
+            path = Path(self.path)
+            if not path.is_file():
+                raise ValueError(f"path must be an existing MATH-500 JSON/JSONL file, got {str(path)!r}")
+        else:
+            data_dir = resolve_data_dir(data_dir)
+            path = data_dir / "math500" / "MATH500.json" if data_dir is not None else None
+        if path is not None and path.is_file():
             rows = [
                 (record["id"], record["prompt"], record["answer"])
                 for _, record in read_records(path, ("prompt", "answer", "id"))
