@@ -8,6 +8,11 @@ Part 2 (--generation): generation tokens/s of ``qllm_samplers.generate.generate`
 SmolLM2-135M-Instruct with the same sampler settings.
 
     .venv/bin/python scripts/bench_samplers.py                      # part 1, about 2-4 minutes on 2 cores
+    .venv/bin/python scripts/bench_samplers.py --quick --out /tmp/bench_quick.json   # a few seconds: checks only
+
+Top-p rows are decided by one of three paths (column "paths": candidates/histogram/sort): the top-k candidates
+(peaked rows), the probability histogram (flat rows; no sort), or the exact sort (boundaries within rounding
+distance, exact ties at the cut).
     .venv/bin/python scripts/bench_samplers.py --generation         # both parts
     .venv/bin/python scripts/bench_samplers.py --only-generation --out bench_results/bench_generation.json
 """
@@ -34,14 +39,23 @@ from transformers.generation.logits_process import (
 
 from qllm_samplers.chain import SamplingChain
 from qllm_samplers.rng import RowRNG
-from qllm_samplers.warpers import MinP, TopK, TopP
+from qllm_samplers.warpers import (
+    MinP,
+    TopK,
+    TopP,
+    candidate_probs,
+    canonical_topk,
+    nucleus_by_histogram,
+    nucleus_count,
+    top_p_threshold,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_logits(batch: int, vocab: int, kind: str, seed: int) -> torch.Tensor:
     """``peaked``: Gaussian logits with a per-row scale in [3, 8] (nuclei of 1 to a few thousand tokens, like
-    an LM's); ``flat``: scale 1 (the nucleus holds most of the vocabulary: every row takes the sort path)."""
+    an LM's); ``flat``: scale 1 (the nucleus holds most of the vocabulary, far beyond the top-k candidates)."""
     g = torch.Generator().manual_seed(seed)
     low, high = (3.0, 8.0) if kind == "peaked" else (1.0, 1.0)
     scale = low + (high - low) * torch.rand(batch, 1, generator=g)
@@ -64,6 +78,21 @@ def full_support(chain: SamplingChain, scores: torch.Tensor) -> torch.Tensor:
     if plan.fallback.numel():
         kept[plan.fallback] = torch.isfinite(plan.fallback_logits)
     return kept
+
+
+def top_p_paths(scores: torch.Tensor, top_p: float, candidates: int = 512) -> str:
+    """How many rows each top-p path decides: "candidates/histogram/sort" (what ``top_p_fast`` does)."""
+    batch, vocab = scores.shape
+    threshold = top_p_threshold(torch.full((batch,), top_p, dtype=torch.float64))
+    values, ids = canonical_topk(scores, min(candidates, vocab))
+    probs, tail = candidate_probs(scores, ids)
+    _, ok, _ = nucleus_count(values, probs, tail, vocab, threshold, 1)
+    pending = (~ok).nonzero()[:, 0]
+    by_histogram = 0
+    if pending.numel():
+        _, decided = nucleus_by_histogram(scores[pending], threshold[pending], 1)
+        by_histogram = int(decided.sum())
+    return f"{int(ok.sum())}/{by_histogram}/{pending.numel() - by_histogram}"
 
 
 def time_pair(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
@@ -100,7 +129,10 @@ def bench_warpers(args, results: list, save) -> None:
         for name, ours, theirs in warper_cases():
             identical = torch.equal(ours(None, scores.clone()), theirs(None, scores.clone()))
             t_ours, t_theirs = time_pair(partial(ours, None, scores), partial(theirs, None, scores), args.repeats)
-            results.append(record(name, vocab, kind, args.batch, t_ours, t_theirs, identical))
+            rec = record(name, vocab, kind, args.batch, t_ours, t_theirs, identical)
+            if isinstance(ours, TopP):
+                rec["paths"] = top_p_paths(scores, 0.9)
+            results.append(rec)
             save()
         rng = RowRNG(torch.arange(args.batch) + args.seed)
         for name, chain, processors in sample_cases():
@@ -158,11 +190,11 @@ def print_table(results: list) -> None:
     rows = [r for r in results if r["op"] != "generate"]
     if rows:
         print(f"\n{'op':34s} {'V':>7s} {'logits':>7s} {'ours ms':>9s} {'HF ms':>9s} {'speedup':>8s} "
-              f"{'same kept':>9s} {'fallback':>8s}")
+              f"{'same kept':>9s} {'fallback':>8s} {'paths':>10s}")
         for r in rows:
             print(f"{r['op']:34s} {r['vocab']:7d} {r['logits']:>7s} {1e3 * r['ours_s']:9.1f} "
                   f"{1e3 * r['transformers_s']:9.1f} {r['speedup']:7.2f}x {str(r['kept_sets_identical']):>9s} "
-                  f"{str(r.get('fallback_rows', '')):>8s}")
+                  f"{str(r.get('fallback_rows', '')):>8s} {r.get('paths', ''):>10s}")
     gen = [r for r in results if r["op"] == "generate"]
     if gen:
         print(f"\n{'generation (' + gen[0]['model'] + ')':34s} {'batch':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} "
@@ -180,6 +212,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (B=4, V=3000 and 20000, 1 repeat): checks that everything runs and agrees")
     parser.add_argument("--generation", action="store_true", help="also benchmark generation on SmolLM2")
     parser.add_argument("--only-generation", action="store_true", help="skip part 1 (implies --generation)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -188,6 +222,8 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "bench_samplers.json")
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.vocab, args.repeats = 4, [3000, 20_000], 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -32,47 +32,13 @@ from qllm_samplers.power import PowerSampler  # noqa: E402
 from qllm_samplers.testing import (  # noqa: E402
     EOS,
     PROMPT,
-    all_continuations,
-    continuation_logprobs,
+    continuation_counts,
+    exact_laws,
+    mh_kernel,
     toy_lm,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def mh_kernel(conts, lp, lq, alpha: float, variant: str = "ours") -> torch.Tensor:
-    """Exact transition matrix of one MH move (single block).
-
-    ``variant``: "ours" (PowerSampler), "no_length_term" (whole suffixes but no log n - log n'), or
-    "official_slice" (the official code: the current suffix sliced to the proposal's length, no length term).
-    """
-    kernel = torch.zeros(len(conts), len(conts), dtype=torch.float64)
-    for a, x in enumerate(conts):
-        n = len(x)
-        for b, y in enumerate(conts):
-            if a == b:
-                continue
-            for cut in range(n):
-                if len(y) <= cut or y[:cut] != x[:cut]:
-                    continue
-                current = slice(cut, len(y)) if variant == "official_slice" else slice(cut, None)
-                log_qy, log_qx = sum(lq[b][cut:]), sum(lq[a][current])
-                log_r = alpha * (sum(lp[b][cut:]) - sum(lp[a][current])) + log_qx - log_qy
-                if variant == "ours":
-                    log_r += math.log(n) - math.log(len(y))
-                kernel[a, b] += math.exp(log_qy) / n * min(1.0, math.exp(log_r))
-        kernel[a, a] = 1.0 - kernel[a].sum()
-    return kernel
-
-
-def exact_laws(model, alpha: float, max_new: int, eos: int | None):
-    conts = all_continuations(max_new, eos)
-    lp = continuation_logprobs(model, conts)
-    lq = continuation_logprobs(model, conts, 1 / alpha)
-    log_p = torch.tensor([sum(r) for r in lp], dtype=torch.float64)
-    power = torch.softmax(alpha * log_p, dim=0)
-    tokenwise = torch.tensor([math.exp(sum(r)) for r in lq], dtype=torch.float64)
-    return conts, lp, lq, log_p, power, tokenwise / tokenwise.sum()
 
 
 def part_h1(args, out_dir: Path) -> dict:
@@ -117,14 +83,6 @@ def part_h1(args, out_dir: Path) -> dict:
     return results
 
 
-def _empirical(out, conts) -> torch.Tensor:
-    index = {c: i for i, c in enumerate(conts)}
-    counts = torch.zeros(len(conts), dtype=torch.float64)
-    for row in range(out.sequences.shape[0]):
-        counts[index[tuple(out.new_tokens[row, :int(out.lengths[row])].tolist())]] += 1
-    return counts / counts.sum()
-
-
 def part_h2(args, out_dir: Path) -> dict:
     model = toy_lm(eos_bias=0.0)
     conts, lp, lq, _, power, tokenwise = exact_laws(model, args.alpha, 3, EOS)
@@ -140,7 +98,7 @@ def part_h2(args, out_dir: Path) -> dict:
         sampler = PowerSampler(alpha=args.alpha, mcmc_steps=steps, num_blocks=blocks)
         seeds = [seed * 1_000_003 + b for b in range(args.chains)]
         out = sampler.generate(model, torch.tensor([PROMPT] * args.chains), 3, eos_token_id=EOS, generator=seeds)
-        emp = _empirical(out, conts)
+        emp = continuation_counts(out, conts) / args.chains
         entry = curves.setdefault(f"block_size={3 // blocks}", {}).setdefault(steps, {"tv": [], "kl": [],
                                                                                       "forward_tokens": []})
         entry["tv"].append(float(total_variation(emp, power)))
@@ -258,20 +216,23 @@ def part_h3(args, out_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["h1", "h2", "h3"], choices=["h1", "h2", "h3"])
-    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--parts", nargs="+", default=["h1", "h2", "h3"], choices=["h1", "h2", "h3"],
+                        help="h1: exact laws; h2: MH convergence vs the exact kernel; h3: SmolLM2 comparison")
+    parser.add_argument("--alpha", type=float, default=4.0, help="power exponent")
     parser.add_argument("--chains", type=int, default=600, help="H2: chains per (setting, seed)")
     parser.add_argument("--seeds", type=int, default=3, help="H2: seeds per setting")
-    parser.add_argument("--h2-steps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32])
+    parser.add_argument("--h2-steps", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32],
+                        help="H2: MH steps per block to measure")
     parser.add_argument("--h2-blocks", type=int, nargs="+", default=[1, 3], help="H2: num_blocks over 3 tokens")
     parser.add_argument("--h2-power-iterations", type=int, default=3000,
                         help="H2: exact moves used to find where each acceptance rule converges")
-    parser.add_argument("--h3-seeds", type=int, default=2)
-    parser.add_argument("--h3-max-new-tokens", type=int, default=48)
-    parser.add_argument("--h3-steps", type=int, default=2)
-    parser.add_argument("--h3-blocks", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench_results" / "power_analysis")
+    parser.add_argument("--h3-seeds", type=int, default=2, help="H3: seeds per prompt")
+    parser.add_argument("--h3-max-new-tokens", type=int, default=48, help="H3: generation budget")
+    parser.add_argument("--h3-steps", type=int, default=2, help="H3: MH steps per block")
+    parser.add_argument("--h3-blocks", type=int, default=4, help="H3: MH blocks")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench_results" / "power_analysis",
+                        help="where the JSON and PNG files go")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,11 @@ the suite does. ```text blocks (and unlabeled ones) are output or examples, neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -140,13 +142,21 @@ def run_block(block: Block, workdir: Path) -> subprocess.CompletedProcess:
                else [str(PYTHON if PYTHON.exists() else sys.executable), str(script)])
     env = {**os.environ, **BASE_ENV, "DOCS_TEST_TMP": str(workdir / "tmp"), **block.env}
     (workdir / "tmp").mkdir(exist_ok=True)
+    # A session of its own, so that a timeout also ends what the block started in the background (cmd &).
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                timeout=block.timeout)
-    except subprocess.TimeoutExpired as error:
+        stdout, stderr = process.communicate(timeout=block.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         raise AssertionError(f"{block.name}: the {block.language} block ran past its {block.timeout:.0f} s timeout "
                              f"(reduce it with a docs-test replace marker, or raise 'timeout')\n"
-                             f"{_tail(error.stdout)}{_tail(error.stderr)}") from None
+                             f"{_tail(stdout)}{_tail(stderr)}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the block left running in its session
+            os.killpg(process.pid, signal.SIGKILL)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(f"{block.name}: the {block.language} block failed with exit code {result.returncode}\n"
                              f"--- as run ---\n{block.script()}--- stdout (end) ---\n{_tail(result.stdout)}\n"

@@ -17,6 +17,7 @@ from qllm_evals.grading import (
     math_equal,
     normalize_number,
     numbers_equal,
+    remove_thousands_separators,
 )
 from qllm_evals.passk import mean_pass_at_k, pass_at_k
 
@@ -233,3 +234,24 @@ def test_mean_pass_at_k():
 def test_pass_at_k_rejects_bad_input(n, c, k, match):
     with pytest.raises(ValueError, match=match):
         pass_at_k(n, c, k)
+
+
+@pytest.mark.parametrize("pred, ref", [
+    ("1 000", "1000"), ("1\\,000", "1000"), ("1{,}000", "1000"), ("1\\ 000", "1000"), ("1,000", "1000"),
+    ("1\\,000\\,000", "1000000"), ("12 345.5", "12345.5"), ("-1 234", "-1234"), ("1000", "1 000"),
+])
+def test_math_equal_accepts_valid_thousands_separators(pred, ref):
+    assert math_equal(pred, ref)
+
+
+@pytest.mark.parametrize("pred, ref", [
+    ("1,00", "100"), ("1 00", "100"), ("12 3456", "123456"), ("1\\,00", "100"), ("1 000 0", "10000"),
+])
+def test_math_equal_refuses_invalid_grouping(pred, ref):
+    assert not math_equal(pred, ref)
+
+
+def test_remove_thousands_separators_leaves_other_text_alone():
+    assert remove_thousands_separators("x = 12 345") == "x = 12345"
+    assert remove_thousands_separators("\\frac{1}{2} 3") == "\\frac{1}{2} 3"
+    assert remove_thousands_separators("(1, 2)") == "(1, 2)"

@@ -388,3 +388,28 @@ def test_sequence_samplers_go_through_the_same_path_and_keep_their_stats(tiny, t
         assert r["stats"]["particles"] == 2 and r["stats"]["resamples"] >= 0
         assert isinstance(r["stats"]["ess"], list) and r["stats"]["forward_tokens"] > 0
         assert r["stats"]["log_p"] <= 0
+
+
+def test_offline_loading_fails_at_once_naming_the_model(monkeypatch):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model: could not load 'nobody/no-such-model' \(offline: not in the local "
+                                          r"hub cache\)"):
+        models.load_causal_lm("nobody/no-such-model", offline=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the environment variable is the same setting
+    with pytest.raises(ConfigError, match=r"offline: not in the local hub cache"):
+        models.load_causal_lm("nobody/no-such-model")
+    assert time.perf_counter() - start < 30  # no hub retries (they took 40-66 s); generous for a loaded machine
+    with pytest.raises(ConfigError, match=r"device: 'gpu' is not a torch device"):
+        models.resolve_device("gpu")
+    assert models.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cli_unsafe_no_sandbox_is_stated_in_the_summary(tiny_cli, tmp_path):
+    script, base = tiny_cli
+    assert script.main(base + ["--task", "humaneval", "--samplers", "greedy", "--unsafe-no-sandbox"]) == 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["config"]["task_options"]["allow_unsandboxed"] is True
+    assert summary["notes"] == [runner.WARNING_OPTIONS["allow_unsandboxed"]]
+    assert "**Note:** run with --unsafe-no-sandbox" in (tmp_path / "cli" / "results.md").read_text()

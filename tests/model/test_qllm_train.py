@@ -106,13 +106,28 @@ def test_bad_data_arguments(tmp_path):
         QLLMDataModule(path=str(short), seq_len=64).train_dataloader()
 
 
-def test_wikitext2_offline_uses_local_eval_files_and_refuses_fit(shared_data, monkeypatch):
-    monkeypatch.setattr(qdata, "hub_reachable", lambda timeout=3.0: False)
-    dm = QLLMDataModule(corpus="wikitext2", data_dir=str(shared_data), seq_len=64)
+def test_wikitext2_offline_uses_local_eval_files_and_refuses_fit(shared_data):
+    dm = QLLMDataModule(corpus="wikitext2", data_dir=str(shared_data), seq_len=64)  # offline is the default
     with pytest.raises(ValueError, match="train split is not available offline"):
         dm.setup("fit")
     dm.setup("test")
     assert dm.splits["val"].numel() == 1_121_681 and dm.splits["test"].numel() == 1_256_449
+
+
+def test_offline_is_a_setting_and_the_data_folder_is_explicit(tmp_path, monkeypatch):
+    monkeypatch.delenv(qdata.DATA_DIR_ENV, raising=False)
+    with pytest.raises(ValueError, match="pass --data.data_dir DIR or set QLLM_SHARED_DATA"):
+        QLLMDataModule(corpus="tinyshakespeare").setup("fit")
+    with pytest.raises(FileNotFoundError, match="--data.online true"):
+        QLLMDataModule(corpus="wikitext2", data_dir=str(tmp_path)).setup("test")
+    with pytest.raises(ValueError, match="pass --data.online true, or --data.hf_data_files"):
+        QLLMDataModule(hf_dataset="roneneldan/TinyStories").setup("fit")  # fails at once: no network touched
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_bytes(b"to be or not to be " * 20)
+    monkeypatch.setenv(qdata.DATA_DIR_ENV, str(tmp_path))
+    dm = QLLMDataModule(corpus="tinyshakespeare", seq_len=8)
+    dm.setup("fit")
+    assert dm.data_dir == tmp_path and dm.splits["train"].numel() == 342
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -274,21 +289,30 @@ def test_cli_fit_resume_and_test_with_tiny_config(tmp_path, corpus):
     last = str(tmp_path / "ckpt" / "last.ckpt")
     cli = run_cli(["test", *common, "--ckpt_path", last])
     assert cli.trainer.callback_metrics["test/bpb"].item() > 0
-    cli = run_cli(["predict", *common, "--ckpt_path", last, "--model.max_new_tokens", "6",
-                   "--data.predict_prompts", '["the quick", "lazy"]'])
+    assert sorted(p.name for p in (tmp_path / "tb" / "tiny").iterdir()) == ["fit", "test"]  # one training run
+    assert len(list((tmp_path / "tb" / "tiny" / "fit").glob("events.out.tfevents.*"))) == 2  # fit + resume
+    cli = run_cli(["predict", *common, "--ckpt_path", last, "--data.predict_max_new_tokens", "6",
+                   "--data.predict_sampler", "greedy", "--data.predict_prompts", '["the quick", "lazy"]'])
     texts = cli.trainer.predict_loop.predictions[0]
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    model = load_model(last)
+    seq = list(b"lazy")
+    for _ in range(6):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert texts[1] == bytes(seq[4:]).decode("utf-8", errors="replace")
+    with pytest.raises(ValueError, match="--data.predict_max_new_tokens=40 does not fit"):
+        run_cli(["predict", *common, "--ckpt_path", last, "--data.predict_max_new_tokens", "40"])
 
 
 def test_generate_and_plot_entries(tmp_path, corpus, capsys):
     dm = QLLMDataModule(path=str(corpus), seq_len=32, batch_size=4, max_eval_bytes=256)
     module = QLLMLitModule(QLLMConfig(**TINY))
-    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version="fit")
     trainer = L.Trainer(max_steps=4, logger=logger, log_every_n_steps=1, val_check_interval=2,
                         check_val_every_n_epoch=None, enable_progress_bar=False, num_sanity_val_steps=0,
                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)])
     trainer.fit(module, datamodule=dm)
-    run_cli(["generate", "--ckpt", str(tmp_path / "c" / "last.ckpt"), "--prompt", "the q", "--temperature", "0",
+    run_cli(["generate", "--ckpt", str(tmp_path / "c" / "last.ckpt"), "--prompt", "the q", "--sampler", "greedy",
              "--max_new_tokens", "4"])
     printed = capsys.readouterr().out
     model = load_model(tmp_path / "c" / "last.ckpt")
@@ -298,9 +322,19 @@ def test_generate_and_plot_entries(tmp_path, corpus, capsys):
     from qllm_model.tokenizer import ByteTokenizer
 
     assert "the q" + ByteTokenizer().decode(seq[5:]) in printed
-    run_cli(["plot", "--logdir", str(tmp_path / "run"), "--out", str(tmp_path / "curve.png")])
+    run_cli(["plot", "--logdir", str(tmp_path / "run" / "fit"), "--out", str(tmp_path / "curve.png")])
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert "step      1  val bpb" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the parent folder is not a run: the error lists the runs under it
+        run_cli(["plot", "--logdir", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")])
+    assert "runs under it: " + str(tmp_path / "run" / "fit") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(["generate", "--ckpt", str(tmp_path / "c" / "last.ckpt"), "--prompt", "the q", "--max_new_tokens",
+                 "40"])
+    assert "--max_new_tokens=40 does not fit" in capsys.readouterr().err
+    run_cli(["--help"])
+    overview = capsys.readouterr().out
+    assert all(f"  {name} " in overview for name in ("fit", "validate", "test", "predict", "generate", "plot"))
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "qllm_768d.yaml", "tiny_lora.yaml"])
@@ -313,6 +347,9 @@ def test_shipped_configs_are_valid(name):
     QLLMDataModule(**values["data"])  # argument validation only; no corpus is read
     if name == "qllm_768d.yaml":
         assert (config.d_model, config.n_layers, config.n_heads, config.n_global_tokens) == (768, 12, 12, 16)
+        if not torch.cuda.is_available():  # fails early, naming the flags that run it on a CPU
+            with pytest.raises(SystemExit, match="--trainer.accelerator cpu"):
+                run_cli(["fit", "--config", str(REPO / "configs" / name)])
         with torch.device("meta"):  # shapes only: no 85M-parameter allocation
             assert QLLM(config).num_parameters() > 80e6
     if name == "tiny_lora.yaml":

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from qllm_evals.metrics.histogram import SampleHistogram
 from qllm_samplers.diagnostics.distribution import g_test, total_variation, tv_noise_floor
 from qllm_samplers.pbit.network import UniformSource, state_histogram
 from qllm_samplers.pbit.token import OneHotNetwork, PBitSampler, centred_log_probs, reduce_vocabulary
@@ -34,12 +33,13 @@ def _assert_exact(tokens: torch.Tensor, probs: torch.Tensor, slack: float = 2.5)
     TV of a peaked distribution is dominated by one or two counts, so its spread around the noise floor is
     wide (half-normal): the G-test is the calibrated criterion, the TV bound a coarse guard.
     """
-    metric = SampleHistogram(probs)
-    metric.update(tokens)
-    result = metric.compute()
-    assert float(result["invalid_rate"]) == 0.0
-    assert float(result["p_value"]) > 1e-3, f"G-test rejects the draws: {result}"
-    assert float(result["tv"]) < slack * float(result["noise_floor"]), result
+    tokens = tokens.flatten()
+    assert (tokens >= 0).all(), "invalid draws"
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    _, p_value, _ = g_test(counts, probs)
+    tv, floor = float(total_variation(counts / counts.sum(), probs)), tv_noise_floor(tokens.numel(), probs)
+    assert p_value > 1e-3, f"G-test rejects the draws: p = {p_value}, tv = {tv}"
+    assert tv < slack * floor, (tv, floor)
 
 
 # ------------------------------------------------------------------------------------------ exact modes
@@ -149,7 +149,7 @@ def test_top_k_top_p_and_masked_tokens():
     probs = torch.softmax(z.double(), dim=0)
     sorted_probs, order = probs.sort(descending=True)
     keep = int((sorted_probs.cumsum(0) < 0.8).sum()) + 1
-    target_p = PBitSampler("swap", top_p=0.8).target_probs(z)
+    target_p = PBitSampler("swap", top_p=0.8, top_k=None).target_probs(z)
     assert set(torch.nonzero(target_p).flatten().tolist()) == set(order[:keep].tolist())
     # A large vocabulary reduced by top-k through the real pipeline.
     big = _logits(49_152, seed=9, scale=3.0)
@@ -265,6 +265,46 @@ def test_bad_input_names_the_argument():
         sampler.sample(torch.zeros(4), 0)
     with pytest.raises(ValueError, match="logits must be"):
         sampler.sample(torch.zeros(2, 3, 4), 1)
+    with pytest.raises(ValueError, match=r"max_bits must be an int >= 1"):
+        PBitSampler("gibbs", max_bits=0)
+
+
+def test_full_vocabulary_network_is_refused_with_a_way_out():
+    big = _logits(49_152, seed=3)
+    with pytest.raises(ValueError, match=r"49152 p-bits .* more than max_bits=4096; reduce the vocabulary with "
+                                         r"top_k \(e.g. top_k=50, the default\) or top_p, or raise max_bits"):
+        PBitSampler("gibbs", top_k=None).sample(big, 1)
+    # the default (top-k 50, as the original's generation) is practical on a 49k vocabulary
+    sampler = PBitSampler()
+    assert sampler.top_k == 50
+    tokens = sampler.sample(big, 4, generator=1)
+    assert torch.isin(tokens, torch.topk(big, 50).indices).all()
+
+
+# ------------------------------------------------------------------------------------------ the original
+def _original_logits() -> torch.Tensor:
+    torch.manual_seed(42)  # qllm-pbits' exp_softmax_match: torch.manual_seed(42); torch.randn(32)
+    return torch.randn(32)
+
+
+def test_original_mode_reproduces_the_original_table():
+    """qllm-pbits' README (V=32, n=10,000, 100 Gibbs steps): TV 0.158 at lambda=5, about 0.37 for lambda >= 10."""
+    z = _original_logits()
+    probs = torch.softmax(z.double(), 0)
+    uniform = torch.full((32,), 1 / 32, dtype=torch.float64)
+    assert float(total_variation(uniform, probs)) == pytest.approx(0.371, abs=0.001)
+    low = PBitSampler("original", lam=5.0)
+    tokens = low.sample(z, 4000, generator=1)
+    tv_low = float(total_variation(torch.bincount(tokens, minlength=32).double() / 4000, probs))
+    assert 0.12 < tv_low < 0.21, tv_low
+    assert 0.0 < low.counters.fallback_rate < 0.02  # the README's "0.4% invalid" is the argmax fallback rate
+    high = PBitSampler("original", lam=20.0)
+    tokens = high.sample(z, 4000, generator=2)
+    empirical = torch.bincount(tokens, minlength=32).double() / 4000
+    # the chain freezes on its uniformly chosen first hot bit: the draws are uniform, hence TV(uniform, softmax)
+    assert float(total_variation(empirical, probs)) == pytest.approx(0.371, abs=0.03)
+    assert float(total_variation(empirical, uniform)) < 2.5 * tv_noise_floor(4000, uniform)
+    assert high.counters.fallback_rate == 0.0 and high.fallback == "argmax"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from qllm_samplers import testing
 from qllm_samplers.lm import forward_step
 from qllm_samplers.signals import AttentionProbe, attention_entropy, entropy_varentropy, token_signals
-from qllm_samplers import testing
 
 
 def _sharpened(model):

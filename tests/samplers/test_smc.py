@@ -125,3 +125,17 @@ def test_bad_generate_input(tiny_gpt2):
         sampler.generate(tiny_gpt2, torch.tensor([[5, 6]]), 0)
     with pytest.raises(ValueError, match="context limit"):
         sampler.generate(tiny_gpt2, torch.full((1, 128), 5), 1)
+
+
+def test_every_constructor_key_is_a_spec_key():
+    import inspect
+
+    from qllm_samplers.specs import SAMPLER_TYPES, parse_sampler
+
+    expected = set(inspect.signature(PowerSMC).parameters) - {"proposal_warpers", "pad_token_id", "return_particles"}
+    assert {k.name for k in SAMPLER_TYPES["power-smc"].keys()} == expected
+    sampler = parse_sampler("power-smc:2:n=16:ess=0.25:bridge=3:ptopk=20:ptemp=0.5").build()
+    assert (sampler.alpha, sampler.particles, sampler.ess_threshold) == (2.0, 16, 0.25)
+    assert sampler.bridge == (2 / 3, 4 / 3, 2.0)
+    assert sampler.fixed_temperature == 0.5 and type(sampler.proposal_warpers[0]).__name__ == "TopK"
+    assert parse_sampler("power:4:tries=4:ptopp=0.9").build().proposals == 4

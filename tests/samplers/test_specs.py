@@ -76,7 +76,7 @@ def test_comma_list():
 
 @pytest.mark.parametrize("spec,message", [
     ("nucleus:0.9", r"unknown sampler 'nucleus'.*valid samplers: greedy, temp, sample, topk, topp, minp, typical, "
-                    r"power, alpha, entropix, pbit"),
+                    r"power, power-smc, alpha, entropix, pbit"),
     ("temp", r"temp needs a value, e.g. temp:0.7"),
     ("temp:hot", r"temperature must be float, got 'hot'"),
     ("temp:inf", r"temperature must be finite"),

@@ -60,6 +60,23 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# Thousands separators math-verify does not read itself: a space, LaTeX's thin space "\,", "\ " and the
+# braced comma "{,}" (a plain comma it handles). A number is rewritten only when its grouping is valid: one to
+# three leading digits, then groups of exactly three, one separator kind throughout ("1 000" -> "1000"; "1 00",
+# "12 3456" and "1,00" are left alone).
+_THOUSANDS_SEPARATORS = (r"\,", "{,}", r"\ ", " ")
+_GROUPED = [re.compile(r"(?<![\d.])\d{1,3}(?:" + re.escape(sep) + r"\d{3})+(?![\d])(?!" + re.escape(sep) + r"\d)")
+            for sep in _THOUSANDS_SEPARATORS]
+
+
+def remove_thousands_separators(answer: str) -> str:
+    """``answer`` with validly grouped thousands separators removed from its numbers ("1\\,000" -> "1000")."""
+    for sep, pattern in zip(_THOUSANDS_SEPARATORS, _GROUPED):
+        if sep in answer:
+            answer = pattern.sub(lambda m, sep=sep: m.group(0).replace(sep, ""), answer)
+    return answer
+
+
 def _as_latex(answer: str) -> str:
     # Wrapping in \boxed{} tells math-verify that the whole string is the answer (a bare "1,000" or
     # "\$18" would otherwise be searched for an answer-like substring).
@@ -125,7 +142,8 @@ def math_equal(pred: str | None, ref: str, *, timeout: float = 5.0) -> bool:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if pred is None or not pred.strip():
         return False
-    if pred.strip() == ref.strip():
+    pred, ref = remove_thousands_separators(pred.strip()), remove_thousands_separators(ref.strip())
+    if pred == ref:
         return True
     if threading.current_thread() is threading.main_thread():
         return _verify(pred, ref, timeout)

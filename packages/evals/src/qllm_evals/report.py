@@ -232,7 +232,7 @@ def bar_chart(summary: dict, path: Path, title: str = "") -> Path:
     rows = summary["samplers"]
     levels = list(dict.fromkeys(level for row in rows for level in row["accuracy_per_level"]))
     width = 1.2 + 1.1 * len(rows)
-    fig, axes = plt.subplots(1, 2 if levels else 1, figsize=(width + (6 if levels else 0), 4.6), squeeze=False,
+    fig, axes = plt.subplots(1, 2 if levels else 1, figsize=(width + (6 if levels else 0), 5.2), squeeze=False,
                              gridspec_kw={"width_ratios": [width, 6]} if levels else None)
     ax = axes[0][0]
     x = np.arange(len(rows))
@@ -242,7 +242,7 @@ def bar_chart(summary: dict, path: Path, title: str = "") -> Path:
     ax.set_xticks(x, [_wrap(row["sampler"]) for row in rows], fontsize=8)
     ax.set_xlabel("sampler")
     ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_title(textwrap.fill(title or "accuracy per sampler", 40), fontsize=10)
     if levels:
         ax = axes[0][1]
@@ -256,9 +256,10 @@ def bar_chart(summary: dict, path: Path, title: str = "") -> Path:
         ax.set_xticks(np.arange(len(levels)), [f"L{level}" for level in levels])
         ax.set_xlabel("difficulty level")
         ax.set_ylabel("accuracy (95% bootstrap CI)")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         ax.set_title("per difficulty level", fontsize=10)
-        ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
+        # Below the panel, so it never hides a bar (all levels can reach 1.0).
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(rows), 3), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

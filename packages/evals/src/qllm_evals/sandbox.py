@@ -58,8 +58,11 @@ PROGRAM_PATH = "/sandbox/program.py"  # where the program appears inside the san
 _OUTPUT_TAIL_BYTES = 64 * 1024
 
 
-class SandboxUnavailableError(RuntimeError):
-    """bubblewrap cannot run here and the caller did not allow running untrusted code without it."""
+class SandboxUnavailableError(RuntimeError, ValueError):
+    """bubblewrap cannot run here and the caller did not allow running untrusted code without it.
+
+    Also a ValueError: to the eval CLI it is a setting to change (its message names --unsafe-no-sandbox), and
+    the CLI reports ValueErrors raised while planning a run as one-line errors."""
 
 
 def last_line(text: str, limit: int = REASON_MAX_CHARS) -> str:
@@ -231,12 +234,12 @@ def _bwrap_args(program_fd: int, seccomp_fd: int, tmp_bytes: int, disable_userns
         args.append("--disable-userns")
     args += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
-    args += _system_binds()
+    # /tmp first, so that an interpreter installed under the host's /tmp is bound on top of it, not hidden.
     # No /proc: the sandboxed uid maps to the harness's (root's, here), and /proc/sys would let it write host-wide
     # sysctls (bwrap does not cover them in this mode). Python needs no /proc.
-    args += ["--dev", "/dev", "--remount-ro", "/dev",
-             "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-             "--ro-bind-data", str(program_fd), PROGRAM_PATH,
+    args += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dev", "/dev", "--remount-ro", "/dev"]
+    args += _system_binds()
+    args += ["--ro-bind-data", str(program_fd), PROGRAM_PATH,
              "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
              "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
              "--seccomp", str(seccomp_fd)]

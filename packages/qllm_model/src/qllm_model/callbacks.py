@@ -154,7 +154,7 @@ class ProgressLog(Callback):
         self._mark_step, self._tokens = trainer.global_step, 0
         params = sum(p.numel() for p in pl_module.parameters())
         budget = f"{trainer.max_steps} steps" if trainer.max_steps > 0 else "no step limit"
-        timer = _timer(trainer)
+        timer = training_timer(trainer)
         if timer is not None and timer.time_remaining("train") is not None:
             budget += f", {_clock(timer.time_remaining('train'))} of training time left"
         resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
@@ -170,7 +170,7 @@ class ProgressLog(Callback):
         interval, steps = now - self._mark, step - self._mark_step
         rate = self._tokens / interval if interval > 0 else float("nan")
         eta = (trainer.max_steps - step) * interval / steps if trainer.max_steps > 0 and steps else float("inf")
-        timer = _timer(trainer)
+        timer = training_timer(trainer)
         if timer is not None and timer.time_remaining("train") is not None:
             eta = min(eta, timer.time_remaining("train"))
         metrics = trainer.callback_metrics
@@ -189,8 +189,9 @@ class ProgressLog(Callback):
         self._print(trainer, f"step {trainer.global_step}: val bpb {self._last_val:.4f}")
 
 
-def _timer(trainer: L.Trainer) -> Timer | None:
+def training_timer(trainer: L.Trainer) -> Timer | None:
+    """The Timer Lightning adds for ``--trainer.max_time`` (None without a time budget)."""
     return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
 
 
-__all__ = ["BestCheckpoint", "ProgressLog", "ResumeCheckpoint"]
+__all__ = ["BestCheckpoint", "ProgressLog", "ResumeCheckpoint", "training_timer"]

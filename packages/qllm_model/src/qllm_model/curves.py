@@ -67,7 +67,10 @@ def plot_main(argv: Sequence[str]) -> None:
     parser.add_argument("--target", type=float, default=None, help="draw a horizontal target line")
     parser.add_argument("--json", default=None, help="also write the curves as JSON")
     args = parser.parse_args(list(argv))
-    series = plot_curves(args.logdir, args.out, args.target)
+    try:
+        series = plot_curves(args.logdir, args.out, args.target)
+    except ValueError as error:
+        parser.error(str(error))
     if args.json:
         Path(args.json).write_text(json.dumps(series, indent=1))
     for point in series["val/bpb"]:

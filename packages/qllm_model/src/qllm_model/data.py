@@ -26,7 +26,7 @@ byte of the split except its first.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,9 +158,18 @@ class ResumableWindowSampler(DistributedSampler):
         if self.batches_per_epoch == 0:
             raise ValueError(f"--data.batch_size={batch_size} x {num_replicas} process(es) is more than the "
                              f"{len(dataset)} training windows of one epoch; lower --data.batch_size")
+        self.resume(start_batch)
+
+    def resume(self, start_batch: int) -> None:
+        """Continue after ``start_batch`` of this rank's batches (the next iteration starts there)."""
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.next_epoch, self.skip_batches = divmod(start_batch, self.batches_per_epoch)
+
+    def order_key(self) -> dict:
+        """What the order depends on besides the batch count; a resume with another key cannot be exact."""
+        return {"seed": self.seed, "random_offsets": self.random_offsets, "train_windows": len(self.windows),
+                "batch_size": self.batch_size, "world_size": self.num_replicas}
 
     def epoch_offsets(self, epoch: int) -> torch.Tensor:
         """All ranks' byte offsets of epoch ``epoch`` (before sharding)."""
@@ -181,6 +190,37 @@ class ResumableWindowSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the epoch follows the batch count (see the class docstring)."""
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, with the ``state_dict``/``load_state_dict`` pair Lightning saves in every checkpoint
+    and restores before the first iteration of a resumed run.
+
+    The state is the number of batches trained on, read from ``batches_done()`` (the trainer's own count of
+    processed batches: the sampler's position would be ahead of it by the batches Lightning prefetches).
+    """
+
+    def __init__(self, dataset: WindowsAt, sampler: ResumableWindowSampler, batches_done: Callable[[], int],
+                 **kwargs):
+        super().__init__(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return {"train_batches_done": int(self.batches_done()), **self.sampler.order_key()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        done = int(state_dict["train_batches_done"])
+        now = self.sampler.order_key()
+        saved = {k: state_dict.get(k) for k in now}
+        if saved != now:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            # Another batch size, process count or corpus: continue after the same number of windows.
+            items = done * int(saved["batch_size"] or 1) * int(saved["world_size"] or 1)
+            done = items // (now["batch_size"] * now["world_size"])
+            rank_zero_warn(f"the data order cannot continue exactly (checkpoint: {saved}, now: {now}); "
+                           f"resuming after {items} windows")
+        self.sampler.resume(done)
 
 
 @dataclass
@@ -287,8 +327,6 @@ class QLLMDataModule(L.LightningDataModule):
         self.predict_prompts = predict_prompts or ["ROMEO:"]
         self.splits: dict[str, torch.Tensor | None] = {}
         self.train_stream: StreamingByteWindows | None = None
-        self.train_sampler: ResumableWindowSampler | None = None
-        self._resume_state: dict = {}
 
     def _need_data_dir(self, what: str) -> Path:
         if self.data_dir is None:
@@ -434,50 +472,13 @@ class QLLMDataModule(L.LightningDataModule):
         if self.train_stream is not None:
             return DataLoader(self.train_stream, batch_size=self.batch_size, num_workers=self.num_workers)
         windows = WindowsAt(self.splits["train"], self.seq_len)
-        self.train_sampler = ResumableWindowSampler(windows, self.batch_size, seed=self.seed,
-                                                    random_offsets=self.random_offsets,
-                                                    start_batch=self._resume_start_batch(windows))
-        return DataLoader(windows, batch_size=self.batch_size, sampler=self.train_sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        sampler = ResumableWindowSampler(windows, self.batch_size, seed=self.seed, random_offsets=self.random_offsets)
+        return ResumableLoader(windows, sampler, self._batches_trained, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
-    # --- the data order's place in a checkpoint ----------------------------------------------------------
-    def _world(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def _order_key(self, windows: int) -> dict:
-        return {"seed": self.seed, "random_offsets": self.random_offsets, "train_windows": windows,
-                "batch_size": self.batch_size, "world_size": self._world()}
-
-    def state_dict(self) -> dict:
-        """Saved in every checkpoint: how many batches of the data order this process has trained on.
-
-        Lightning's own count of processed training batches is the truth at a checkpoint (it is what the
-        restored loop resumes from); the sampler's position would be ahead of it by the prefetched batches.
-        """
+    def _batches_trained(self) -> int:
         trainer = self.trainer
-        if trainer is None or self.train_sampler is None or trainer.state.fn != "fit":
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
-        return {"train_batches_done": int(done), **self._order_key(len(self.train_sampler.windows))}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_state = dict(state_dict)
-
-    def _resume_start_batch(self, windows: WindowsAt) -> int:
-        state, self._resume_state = self._resume_state, {}
-        if not state:
-            return 0
-        done = int(state["train_batches_done"])
-        saved = {k: state.get(k) for k in self._order_key(len(windows))}
-        if saved != self._order_key(len(windows)):
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            # Another batch size, process count or corpus: continue at the same number of windows consumed.
-            items = done * int(saved["batch_size"] or 1) * int(saved["world_size"] or 1)
-            done = items // (self.batch_size * self._world())
-            rank_zero_warn(f"the data order cannot continue exactly (checkpoint: {saved}, now: "
-                           f"{self._order_key(len(windows))}); resuming after {items} windows")
-        return done
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

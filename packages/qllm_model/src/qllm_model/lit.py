@@ -13,10 +13,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning.pytorch.callbacks import Timer
-
 from qllm_evals.metrics.bpb import BitsPerByte, nll_and_count
 
+from .callbacks import training_timer
 from .config import QLLMConfig
 from .data import IGNORE_INDEX, GenerationRequest
 from .lora import is_lora_parameter, mark_only_lora_trainable
@@ -136,8 +135,15 @@ class QLLMLitModule(L.LightningModule):
             return  # e.g. the sanity check was skipped
         bpb = metric.compute()  # sums synced over processes: exact under DDP
         metric.reset()
-        self.log_dict({f"{split}/bpb": bpb.float(), f"{split}/ppl_per_byte": (2.0 ** bpb).float(),
-                       f"{split}/loss": (bpb * math.log(2)).float()}, prog_bar=True)
+        values = {f"{split}/bpb": bpb.float(), f"{split}/ppl_per_byte": (2.0 ** bpb).float(),
+                  f"{split}/loss": (bpb * math.log(2)).float()}
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        # In a training run the curve's x is the optimizer step the model has taken (Lightning would log it one
+        # lower); elsewhere (validate/test) Lightning's own logging is kept.
+        self.log_dict(values, prog_bar=True, logger=not fitting)
+        if fitting and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._log_bpb("val", self.val_bpb)
@@ -165,21 +171,20 @@ class QLLMLitModule(L.LightningModule):
         return int(estimated) if math.isfinite(estimated) else None
 
     def time_fraction(self) -> float:
-        """Share of ``--trainer.max_time`` used so far (0 without a time budget); resumes included, since
-        Lightning's Timer keeps its elapsed time in the checkpoint."""
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None:
+        """Share of ``--trainer.max_time`` used so far, in [0, 1] (0 without a time budget); resumes included,
+        since Lightning's Timer keeps its elapsed time in the checkpoint."""
+        timer = training_timer(self.trainer)
+        if timer is None or timer.time_remaining("train") is None:
             return 0.0
-        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
-        if remaining is None or elapsed + remaining <= 0:
-            return 0.0
-        return elapsed / (elapsed + remaining)
+        elapsed = timer.time_elapsed("train")
+        duration = elapsed + timer.time_remaining("train")  # the Timer's budget (remaining goes negative past it)
+        return min(1.0, elapsed / duration) if duration > 0 else 1.0
 
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
         total = self.step_budget()
-        if total is None and not any(isinstance(c, Timer) for c in self.trainer.callbacks):
+        if total is None and training_timer(self.trainer) is None:
             raise ValueError("the learning-rate schedule needs a budget: pass --trainer.max_steps N, "
                              "--trainer.max_epochs N or --trainer.max_time DD:HH:MM:SS")
         warmup = min(hp.warmup_steps, max(total - 1, 0)) if total else hp.warmup_steps

@@ -217,7 +217,8 @@ def plan_draw(input_ids: torch.Tensor | None, scores: torch.Tensor, params: RowP
     fallback = (~ok).nonzero().squeeze(-1)
     fallback_logits = None
     if fallback.numel():
-        fallback_logits = truncate_rows(scores[fallback], params.select(fallback))
+        # These rows' nucleus is not among the candidates: top-p goes straight to its histogram path.
+        fallback_logits = truncate_rows(scores[fallback], replace(params.select(fallback), candidates=vocab))
     return DrawPlan(logits, ids_by_token, fallback, fallback_logits, greedy, ids[:, 0])
 
 

@@ -60,7 +60,12 @@ def resolve_data_dir(data_dir: Path | str | None, label: str = "data_dir (--data
 
 def _read_text(path: Path) -> str:
     """The file's text (gzip-decompressed for ``.gz``); ValueError naming the file and line for bad UTF-8."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:  # not gzip, or cut short
+            raise ValueError(f"{path}: not a complete gzip file ({error})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -12,6 +12,7 @@ Completions come in two shapes, both handled by ``build_program``:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ def build_program(problem: dict, completion: str) -> tuple[str, str]:
     return code, body
 
 
+@functools.lru_cache(maxsize=1)
 def _server_source() -> str:
     """The sandboxed side: the codec, then the server that answers the judge's calls."""
     return Path(plain_data.__file__).read_text(encoding="utf-8") + _SERVER

@@ -21,8 +21,8 @@ All three leave the Boltzmann distribution invariant. Every chain in the batch i
 (logit row, sample). For N <= 16 the exact distribution, magnetisations and correlations come from
 enumerating all 2^N states, which is what the tests validate the sampler against.
 
-Randomness comes through ``UniformSource``: torch's global RNG, a seeded ``torch.Generator`` or a
-``qllm_samplers.rng.RowRNG`` (per-row streams, so a decoded request does not depend on its batch).
+Randomness comes through ``UniformSource``, built on ``qllm_samplers.rng.RowRNG`` (counter-based per-row streams,
+so a decoded request does not depend on its batch) whatever generator the caller holds.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ MAX_EXACT_BITS = 16
 
 
 class UniformSource:
-    """Uniform [0, 1) numbers shaped [num_chains, *shape], from one of the generators users hold.
+    """Uniform [0, 1) numbers shaped [num_chains, *shape], drawn from ``qllm_samplers.rng.RowRNG`` streams.
 
-    ``generator``: None (torch's global RNG), an int seed, a ``torch.Generator``, or a ``RowRNG`` with B rows
-    when the chains are B consecutive groups of ``num_chains // B`` (row b's chains draw only from row b's
-    stream, so its draws do not depend on the other rows).
+    The one random-number abstraction of the package: every generator a user may hold becomes a ``RowRNG``.
+    ``generator``: None (row seeds drawn from torch's global RNG, so ``torch.manual_seed`` makes runs repeatable),
+    an int seed (chain c gets seed + c), a ``torch.Generator`` (one seed per chain drawn from it), or a ``RowRNG``
+    with B rows when the chains are B consecutive groups of ``num_chains // B`` (row b's chains draw only from row
+    b's stream, so its draws do not depend on the other rows).
     """
 
     def __init__(self, num_chains: int, generator=None, device: torch.device | str = "cpu",
@@ -52,37 +54,29 @@ class UniformSource:
         self.num_chains = num_chains
         self.device = torch.device(device)
         self.dtype = dtype
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator(device=self.device).manual_seed(generator)
-        if isinstance(generator, RowRNG) and num_chains % generator.batch_size != 0:
-            raise ValueError(f"generator: a RowRNG with {generator.batch_size} rows cannot drive {num_chains} "
-                             "chains (the number of chains must be a multiple of the rows)")
-        if generator is not None and not isinstance(generator, (torch.Generator, RowRNG)):
+        if generator is not None and not isinstance(generator, (int, torch.Generator, RowRNG)) \
+                or isinstance(generator, bool):
             raise ValueError("generator must be None, an int seed, a torch.Generator or a RowRNG, "
                              f"got {type(generator).__name__}")
+        if not isinstance(generator, RowRNG):
+            generator = RowRNG.from_generator(generator, num_chains)
+        if num_chains % generator.batch_size != 0:
+            raise ValueError(f"generator: a RowRNG with {generator.batch_size} rows cannot drive {num_chains} "
+                             "chains (the number of chains must be a multiple of the rows)")
         self.generator = generator
 
     def __call__(self, *shape: int) -> torch.Tensor:
         full = (self.num_chains, *shape)
-        if isinstance(self.generator, RowRNG):
-            rows = self.generator.batch_size
-            per_row = math.prod(full) // rows
-            u = self.generator.uniform(per_row).to(device=self.device, dtype=self.dtype)
-            return u.reshape(full)
-        if self.generator is None:
-            return torch.rand(full, device=self.device, dtype=self.dtype)
-        u = torch.rand(full, generator=self.generator, device=self.generator.device, dtype=self.dtype)
-        return u.to(self.device)
+        per_row = math.prod(full) // self.generator.batch_size
+        u = self.generator.uniform(per_row).to(device=self.device)
+        if self.dtype != torch.float64:
+            # float64 uniforms just below 1 round up to 1.0 in float32; keep [0, 1) half-open
+            u = u.to(self.dtype).clamp_(max=1.0 - torch.finfo(self.dtype).eps / 2)
+        return u.reshape(full)
 
     def columns(self, n: int) -> torch.Tensor:
         """Uniforms laid out [n, num_chains] (one row per update step), the same numbers as ``self(n).T``."""
-        if isinstance(self.generator, RowRNG):
-            return self(n).T.contiguous()
-        if self.generator is None:
-            return torch.rand((n, self.num_chains), device=self.device, dtype=self.dtype)
-        u = torch.rand((n, self.num_chains), generator=self.generator, device=self.generator.device,
-                       dtype=self.dtype)
-        return u.to(self.device)
+        return self(n).T.contiguous()
 
     def logistic(self, *shape: int) -> torch.Tensor:
         """Logistic noise L = logit(u): a p-bit with input x is on exactly when L < x (P = sigmoid(x))."""
@@ -100,6 +94,18 @@ class UniformSource:
             u = u.to(torch.float64)
         index = (u * high_t).long()
         return torch.minimum(index, high_t - 1)  # u * high can round up to high
+
+    def subset(self, chains: torch.Tensor) -> UniformSource:
+        """Uniforms for a subset of the chains (one chain per row of this source's RowRNG), each keeping its own
+        stream and continuing at the current counter (``advance`` moves this source past what the subset used)."""
+        if self.generator.batch_size != self.num_chains:
+            raise ValueError("subset needs one RowRNG row per chain")
+        return UniformSource(chains.numel(), self.generator.select(chains), device=self.device, dtype=self.dtype)
+
+    def advance(self, child: UniformSource) -> None:
+        """Move past the numbers a ``subset`` used, so later draws (and later subsets) never repeat them."""
+        if child is not self:
+            self.generator.counter = max(self.generator.counter, child.generator.counter)
 
 
 def greedy_coloring(couplings: torch.Tensor) -> list[torch.Tensor]:

@@ -10,14 +10,20 @@ update is P(y_i = 1 | rest) = sigmoid(beta (z_i - lam (2 S - 1))), S = sum_{k !=
 states the Boltzmann distribution is exactly softmax(beta z) for every lam; lam only sets how much mass sits
 on the other states and how high the barriers between one-hot states are.
 
-Every mode first recentres the logits by their log-sum-exp, z' = z - logsumexp(beta z) / beta, so beta z' is the
-log-probability of each token: adding a constant to z changes nothing, one-hot states carry almost all the mass
-(the empty state has relative weight e^{-beta lam}, all two-hot states together about e^{-beta lam} / 2) and the
-barrier out of token k, beta lam + log p_k, is lowest for the tokens the chain should leave most often. Only
-beta z' and beta lam enter the dynamics.
+Every mode but ``original`` first recentres the logits by their log-sum-exp, z' = z - logsumexp(beta z) / beta,
+so beta z' is the log-probability of each token: adding a constant to z changes nothing, one-hot states carry
+almost all the mass (the empty state has relative weight e^{-beta lam}, all two-hot states together about
+e^{-beta lam} / 2) and the barrier out of token k, beta lam + log p_k, is lowest for the tokens the chain should
+leave most often. Only beta z' and beta lam enter the dynamics.
 
 Modes (``PBitSampler(mode=...)``):
-- ``gibbs``: the hardware-faithful network. ``sweeps`` sweeps of single-bit p-bit updates (``update=
+- ``original``: qllm-pbits' own protocol (Farx1/qllm_pbits ``PBitOneHotSampler``), exactly: raw logits beta z
+  (not recentred), each attempt from a uniformly chosen one-hot state, ``sweeps + sweeps // 2`` = 150 random
+  single-bit updates (its n_gibbs_steps = 100 plus burn-in 50), ``max_retries + 1`` = 3 fresh attempts, then the
+  argmax. At lam >= 10 the chain never leaves its first hot bit within 150 updates, so the draw is uniform over
+  the candidates (TV(uniform, softmax) = 0.371 for its V=32 logits); see docs/pbit.md.
+- ``gibbs`` (ours): the same single-bit p-bit network on recentred logits, run long enough to mix. ``sweeps``
+  sweeps of single-bit p-bit updates (``update=
   "random"`` scan by default, or ``"sequential"``, which mixes far slower because the hot bit drifts along
   the scan order) from the empty state; when the final state is not one-hot the chain runs
   another ``sweeps`` sweeps, up to ``max_retries`` times, then a counted fallback. Exact only in the limit of
@@ -56,8 +62,9 @@ import torch
 from qllm_samplers.lm import check_logits
 from qllm_samplers.pbit.network import PBitNetwork, UniformSource
 from qllm_samplers.rng import RowRNG, splitmix64
+from qllm_samplers.warpers import apply_top_k, top_p_fast
 
-MODES = ("gibbs", "swap", "shifted", "tempering")
+MODES = ("gibbs", "swap", "shifted", "tempering", "original")
 # Tempering rungs at lam * (r / (R-1))^3: crowded near 0, where the network still mixes, so that states
 # converted from invalid to one-hot by the p-bit sweeps are nearly exact before they climb.
 LADDER_POWER = 3.0
@@ -69,7 +76,12 @@ MODE_DEFAULTS = {
     "swap": (0.0, 8, 0),
     "shifted": (0.0, 1, 64),
     "tempering": (20.0, 12, 10),
+    "original": (10.0, 100, 2),  # qllm-pbits' PBitOneHotSampler defaults: lam 10, n_gibbs_steps 100, 3 attempts
 }
+# The largest network (one p-bit per candidate token) a sampler builds; a 49,152-token vocabulary would need
+# 4.9M sequential single-bit updates per token in gibbs mode. Reduce it with top_k (default 50) or top_p.
+MAX_BITS = 4096
+DEFAULT_TOP_K = 50  # as the original's text generation (qllm-pbits generate --top-k 50)
 
 
 @dataclass
@@ -99,27 +111,35 @@ def reduce_vocabulary(logits: torch.Tensor, beta: float = 1.0, top_k: int | None
                       top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The candidate tokens of each row: ``(logits [B, K], token_ids [B, K], valid [B, K])``, best first.
 
-    Tokens with -inf logits are never candidates; ``top_k`` keeps the k largest, ``top_p`` the smallest set
-    whose softmax(beta z) mass reaches p (computed after top-k, as HF's warpers do). K is the largest candidate
-    count of any row; ``valid`` marks the real candidates (rows with fewer are padded at the end).
+    Tokens with -inf logits are never candidates; ``top_k`` and ``top_p`` are transformers' (the warpers'
+    truncation core, applied in that order to beta * z, so a tie with the k-th token is kept). K is the largest
+    candidate count of any row; ``valid`` marks the real candidates (rows with fewer are padded at the end).
     """
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    vocab = logits.shape[-1]
-    k = vocab if top_k is None else min(top_k, vocab)
-    values, token_ids = torch.topk(logits, k, dim=-1, sorted=True)
-    valid = torch.isfinite(values)
+    batch, vocab = logits.shape
+    kept = logits if beta == 1.0 else logits * beta
+    if top_k is not None and top_k < vocab:
+        kept = apply_top_k(kept, top_k, top_k, -math.inf)
     if top_p is not None and top_p < 1.0:
-        probs = torch.softmax(beta * values.to(torch.float64), dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        valid &= mass_before < top_p  # keep a token while the mass before it is short of p
-    counts = valid.sum(dim=-1)
+        kept = top_p_fast(kept, torch.full((batch,), float(top_p), dtype=torch.float64, device=logits.device),
+                          1, -math.inf)
+    counts = torch.isfinite(kept).sum(dim=-1)
     if (counts == 0).any():
         raise ValueError("vocabulary is empty after reduction (top_k / top_p / -inf logits) in some row")
     width = int(counts.max())
-    return values[:, :width], token_ids[:, :width], valid[:, :width]
+    _, token_ids = torch.topk(kept, width, dim=-1, sorted=True)
+    values = logits.gather(1, token_ids)
+    valid = torch.arange(width, device=logits.device)[None, :] < counts[:, None]
+    return values, token_ids, valid
+
+
+def beta_logits(values: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * z over each row's candidates (float64), 0 on padding: the original package's energies."""
+    return torch.where(valid, beta * values.to(torch.float64), 0.0)
 
 
 def centred_log_probs(values: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
@@ -247,20 +267,6 @@ def _chain_uniforms(generator, rows: int, chains_per_row: int, device: torch.dev
     return UniformSource(num_chains, generator, device=device)
 
 
-def _subset(uniform: UniformSource, chains: torch.Tensor) -> UniformSource:
-    """Uniforms for a subset of the chains (retries); a RowRNG keeps each chain's own stream."""
-    if isinstance(uniform.generator, RowRNG):
-        return UniformSource(chains.numel(), uniform.generator.select(chains), device=uniform.device)
-    return UniformSource(chains.numel(), uniform.generator, device=uniform.device)
-
-
-def _advance(uniform: UniformSource, child: UniformSource) -> None:
-    # A RowRNG subset shares the parent's counter at creation; move the parent past what the subset used so
-    # that later draws (and later subsets) never repeat the subset's numbers.
-    if child is not uniform and isinstance(uniform.generator, RowRNG) and isinstance(child.generator, RowRNG):
-        uniform.generator.counter = max(uniform.generator.counter, child.generator.counter)
-
-
 # ---------------------------------------------------------------------------------------------- sampler
 class PBitSampler:
     """Draw tokens with a simulated p-bit network; see the module docstring for the modes.
@@ -269,14 +275,17 @@ class PBitSampler:
     ``max_retries`` default per mode (``MODE_DEFAULTS``). ``update``: single-bit scan order of the gibbs and
     tempering sweeps, ``"random"`` or ``"sequential"`` (default: random for gibbs, sequential for
     tempering). ``replicas``: tempering ladder size. ``fallback``: what a draw that never reached a one-hot
-    state returns: an exact ``softmax`` draw (default), the ``argmax`` (the original package's
-    choice), or ``none`` (-1, so experiments can see failures). Counters: ``counters`` (a ``PBitStats``) and
-    ``stats()`` (a dict, which ``generate()`` reports).
+    state returns: an exact ``softmax`` draw (default; ``argmax`` in ``original`` mode, the original package's
+    choice), the ``argmax``, or ``none`` (-1, so experiments can see failures). ``top_k`` (default 50, as the
+    original's text generation) and ``top_p`` reduce the vocabulary before the network is built: one p-bit per
+    candidate token; a network of more than ``max_bits`` (4096) p-bits is refused, with the way to reduce it.
+    Counters: ``counters`` (a ``PBitStats``) and ``stats()`` (a dict, which ``generate()`` reports).
     """
 
     def __init__(self, mode: str = "gibbs", lam: float | None = None, beta: float = 1.0, sweeps: int | None = None,
                  *, update: str | None = None, max_retries: int | None = None, replicas: int = 2,
-                 top_k: int | None = None, top_p: float | None = None, fallback: str = "softmax"):
+                 top_k: int | None = DEFAULT_TOP_K, top_p: float | None = None, fallback: str | None = None,
+                 max_bits: int = MAX_BITS):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         default_lam, default_sweeps, default_retries = MODE_DEFAULTS[mode]
@@ -294,13 +303,17 @@ class PBitSampler:
             raise ValueError(f"sweeps must be an int >= 1, got {sweeps!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        # Random scan mixes the faithful network much faster than a fixed order (a sequential sweep drifts the
+        # Random scan mixes the gibbs network much faster than a fixed order (a sequential sweep drifts the
         # hot bit along the scan order); the tempering rungs only need a cheap sweep, so they scan in order.
         update = ("sequential" if mode == "tempering" else "random") if update is None else update
         if update not in SCAN_UPDATES:
             raise ValueError(f"update must be one of {SCAN_UPDATES}, got {update!r}")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 2:
             raise ValueError(f"replicas must be an int >= 2, got {replicas!r}")
+        fallback = ("argmax" if mode == "original" else "softmax") if fallback is None else fallback
+        if isinstance(max_bits, bool) or not isinstance(max_bits, int) or max_bits < 1:
+            raise ValueError(f"max_bits must be an int >= 1, got {max_bits!r}")
+        self.max_bits = max_bits
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         reduce_vocabulary(torch.zeros(1, 1), 1.0, top_k, top_p)  # validates top_k / top_p now, not at decode
@@ -343,7 +356,14 @@ class PBitSampler:
         squeeze = logits.dim() == 1
         rows = self._check(logits)
         values, token_ids, valid = reduce_vocabulary(rows, self.beta, self.top_k, self.top_p)
-        log_probs = centred_log_probs(values, valid, self.beta)
+        if values.shape[1] > self.max_bits:
+            raise ValueError(f"PBitSampler: the network would have {values.shape[1]} p-bits (one per candidate "
+                             f"token), more than max_bits={self.max_bits}; reduce the vocabulary with top_k (e.g. "
+                             f"top_k={DEFAULT_TOP_K}, the default) or top_p, or raise max_bits")
+        # "original" runs on the raw logits beta * z (qllm-pbits does not recentre them); every other mode on
+        # the log-probabilities beta * z' (see the module docstring)
+        log_probs = (beta_logits(values, valid, self.beta) if self.mode == "original"
+                     else centred_log_probs(values, valid, self.beta))
         batch = rows.shape[0]
         uniform = _chain_uniforms(generator, batch, num_samples, rows.device)
         chain_log_probs = log_probs.repeat_interleave(num_samples, dim=0)
@@ -383,7 +403,8 @@ class PBitSampler:
             failed = torch.zeros(num_chains, dtype=torch.bool, device=log_probs.device)
             self.counters.attempts += num_chains
         else:
-            kernel = {"gibbs": self._gibbs, "shifted": self._shifted, "tempering": self._tempering}[self.mode]
+            kernel = {"gibbs": self._gibbs, "shifted": self._shifted, "tempering": self._tempering,
+                      "original": self._original}[self.mode]
             index, failed = kernel(log_probs, valid, uniform)
         self.counters.draws += num_chains
         if failed.any():
@@ -395,9 +416,9 @@ class PBitSampler:
                 index[failed] = -1
             else:
                 chains = torch.nonzero(failed).flatten()
-                child = _subset(uniform, chains)
+                child = uniform.subset(chains)
                 u = child(1)[:, 0].to(torch.float64)
-                _advance(uniform, child)
+                uniform.advance(child)
                 cdf = (log_probs[chains].exp() * valid[chains]).cumsum(dim=1)
                 drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
                 index[chains] = torch.minimum(drawn, valid[chains].sum(dim=1) - 1)
@@ -418,13 +439,42 @@ class PBitSampler:
             self.counters.invalid_attempts += int((~one_hot).sum())
             index[pending[one_hot]] = hot[one_hot]
             pending = pending[~one_hot]
-            _advance(uniform, source)
+            uniform.advance(source)
             if pending.numel() == 0 or attempt == self.max_retries:
                 break
             # Continue only the chains that are still not one-hot, from where they are.
             network = OneHotNetwork(log_probs[pending], valid[pending], self.beta * self.lam)
             y, s = y[:, ~one_hot].contiguous(), s[~one_hot].contiguous()
-            source = _subset(uniform, pending)
+            source = uniform.subset(pending)
+        failed = torch.zeros_like(index, dtype=torch.bool)
+        failed[pending] = True
+        return index, failed
+
+    def _original(self, logits, valid, uniform):
+        """qllm-pbits' PBitOneHotSampler: each attempt starts from a uniformly chosen one-hot state and makes
+        ``sweeps + sweeps // 2`` random single-bit updates (its n_gibbs_steps plus burn-in n_gibbs_steps // 2);
+        ``max_retries + 1`` fresh attempts, then the fallback (argmax). ``logits`` are beta * z, not recentred."""
+        updates = self.sweeps + self.sweeps // 2
+        index = torch.full((logits.shape[0],), -1, dtype=torch.long, device=logits.device)
+        pending = torch.arange(logits.shape[0], device=logits.device)
+        source = uniform
+        for _ in range(self.max_retries + 1):
+            network = OneHotNetwork(logits[pending], valid[pending], self.beta * self.lam)
+            y, s = network.empty_state()
+            start = source.integers(network.counts)
+            y[start, torch.arange(network.num_chains, device=y.device)] = 1.0
+            s += 1.0
+            network.sweep(y, s, source, "random", steps=updates)
+            self.counters.sweeps += self.sweeps * pending.numel()
+            one_hot, hot = _one_hot_index(y, s)
+            self.counters.attempts += pending.numel()
+            self.counters.invalid_attempts += int((~one_hot).sum())
+            index[pending[one_hot]] = hot[one_hot]
+            pending = pending[~one_hot]
+            uniform.advance(source)
+            if pending.numel() == 0:
+                break
+            source = uniform.subset(pending)
         failed = torch.zeros_like(index, dtype=torch.bool)
         failed[pending] = True
         return index, failed
@@ -452,10 +502,10 @@ class PBitSampler:
             self.counters.invalid_attempts += int((~one_hot).sum())
             index[pending[one_hot]] = hot[one_hot]
             pending = pending[~one_hot]
-            _advance(uniform, source)
+            uniform.advance(source)
             if pending.numel() == 0:
                 break
-            source = _subset(uniform, pending)
+            source = uniform.subset(pending)
         failed = torch.zeros_like(index, dtype=torch.bool)
         failed[pending] = True
         return index, failed
@@ -521,13 +571,11 @@ class PBitSampler:
 
 def _replica_source(uniform: UniformSource, copies: int) -> UniformSource:
     """Uniforms for ``copies`` replicas of every chain (replica-major), each replica its own stream."""
-    if isinstance(uniform.generator, RowRNG):
-        # Fresh keys from one draw of each chain's stream, so successive calls never reuse numbers.
-        keys = (uniform.generator.uniform(1)[:, 0] * 2.0 ** 53).to(torch.int64)
-        replica = torch.arange(copies, dtype=torch.int64, device=keys.device)
-        seeds = splitmix64(keys[None, :] * copies + replica[:, None]).reshape(-1)
-        return UniformSource(copies * uniform.num_chains, RowRNG(seeds), device=uniform.device)
-    return UniformSource(copies * uniform.num_chains, uniform.generator, device=uniform.device)
+    # Fresh keys from one draw of each chain's stream, so successive calls never reuse numbers.
+    keys = (uniform.generator.uniform(1)[:, 0] * 2.0 ** 53).to(torch.int64)
+    replica = torch.arange(copies, dtype=torch.int64, device=keys.device)
+    seeds = splitmix64(keys[None, :] * copies + replica[:, None]).reshape(-1)
+    return UniformSource(copies * uniform.num_chains, RowRNG(seeds), device=uniform.device)
 
 
 def _exchange(y: torch.Tensor, s: torch.Tensor, ladder: torch.Tensor, uniform: UniformSource) -> None:
