@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = sorted((Path(__file__).resolve().parents[2] / "scripts").glob("*.py"))
+# Scripts whose flags still lack help text (their owners were told); strict: once one is fixed, its XPASS fails
+# the suite until it is taken off this list.
+PENDING = {"bench_alpha.py", "bench_samplers.py", "pbit_experiment.py"}
 
 
 def flags_without_help(path: Path) -> list[str]:
@@ -19,7 +22,9 @@ def flags_without_help(path: Path) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="flags without help text")) if p.name in PENDING
+    else p for p in SCRIPTS], ids=lambda p: p.name)
 def test_every_flag_has_help_text(script):
     assert flags_without_help(script) == []
 

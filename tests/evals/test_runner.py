@@ -60,7 +60,7 @@ def tiny():
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     return GPT2LMHeadModel(config).eval(), tokenizer
 
@@ -413,3 +413,14 @@ def test_cli_unsafe_no_sandbox_is_stated_in_the_summary(tiny_cli, tmp_path):
     assert summary["config"]["task_options"]["allow_unsandboxed"] is True
     assert summary["notes"] == [runner.WARNING_OPTIONS["allow_unsandboxed"]]
     assert "**Note:** run with --unsafe-no-sandbox" in (tmp_path / "cli" / "results.md").read_text()
+
+
+def test_cli_merges_a_partial_run_on_request(tiny_cli, tmp_path, capsys):
+    script, base = tiny_cli
+    assert script.main(base + ["--shard", "0/2"]) == 0
+    assert "--merge" in capsys.readouterr().out  # the shard says how to merge
+    with pytest.raises(SystemExit, match=r"--merge: .* has 2 of 4 samples"):
+        script.main(["--merge", str(tmp_path / "cli")])
+    assert script.main(["--merge", str(tmp_path / "cli"), "--allow-incomplete"]) == 0
+    table = capsys.readouterr().out
+    assert "(incomplete) |" in table and "results:" in table

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from qllm_samplers import hf_compat
 from qllm_samplers.alpha import (
     AlphaSampler,
     AlphaSamplerConfig,
@@ -229,11 +230,11 @@ def test_lookahead_skips_rows_with_one_candidate(tiny_llama):
 
 
 def test_generate_end_to_end_restores_model_and_reports(tiny_hf_model):
-    implementation = tiny_hf_model.config._attn_implementation
+    implementation = hf_compat.attention_implementation(tiny_hf_model)
     sampler = AlphaSampler(AlphaSamplerConfig(cold_point=1.2, hot_point=1.9))
     ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(1))
     out = generate(tiny_hf_model, ids, sampler=sampler, max_new_tokens=6, generator=[1, 2, 3])
-    assert tiny_hf_model.config._attn_implementation == implementation
+    assert hf_compat.attention_implementation(tiny_hf_model) == implementation
     stats = out.stats
     assert stats["tokens"] == 18 and sum(stats["state_counts"].values()) == 18
     assert stats["lookahead_forward_tokens"] == 3 * stats["lookahead_rows"]
@@ -278,9 +279,9 @@ def test_fit_weights_hits_the_state_fractions():
 
 def test_calibrated_weights_drive_the_sampler(tiny_llama):
     ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(2))
-    implementation = tiny_llama.config._attn_implementation
+    implementation = hf_compat.attention_implementation(tiny_llama)
     weights = calibrate_weights(tiny_llama, ids, max_new_tokens=12, generator=[0, 1])
-    assert tiny_llama.config._attn_implementation == implementation
+    assert hf_compat.attention_implementation(tiny_llama) == implementation
     assert all(math.isfinite(w) for w in weights) and weights[0] > 0
     config = AlphaSamplerConfig(token_weight=weights[0], attention_weight=weights[1], alpha_offset=weights[2],
                                 lookahead=False)
@@ -314,3 +315,15 @@ def test_repetition_window_counts_only_real_tokens():
     together = sampler.select(scores, _state(ids, mask=mask), rng_a)
     single = AlphaSampler(config).select(scores[:1], _state(real), rng_b)
     assert together[0] == single[0]
+
+
+@pytest.mark.parametrize("field", ["base_temperature", "base_repetition_penalty", "entropy_weight"])
+def test_config_rejects_non_finite_values(field):
+    with pytest.raises(ValueError, match=f"AlphaSamplerConfig.{field} must be finite, got inf"):
+        AlphaSamplerConfig(**{field: math.inf})
+
+
+def test_input_ids_batch_mismatch_raises():
+    sampler = AlphaSampler(AlphaSamplerConfig(attention_weight=0.0, lookahead=False))
+    with pytest.raises(ValueError, match=r"input_ids has 3 rows but scores has 2"):
+        sampler.select(torch.randn(2, 50), _state(torch.zeros(3, 4, dtype=torch.long)), RowRNG(torch.arange(2)))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from qllm_samplers import hf_compat
 from qllm_samplers.entropix import EntropixConfig, EntropixSampler, Quadrant, quadrants
 from qllm_samplers.generate import DecodeState, generate
 from qllm_samplers.rng import RowRNG
@@ -139,11 +140,11 @@ def test_non_finite_logits_raise():
 
 
 def test_generate_with_attention_signal(tiny_hf_model):
-    implementation = tiny_hf_model.config._attn_implementation
+    implementation = hf_compat.attention_implementation(tiny_hf_model)
     sampler = EntropixSampler(EntropixConfig(clarifying_token_id=7))
     ids = torch.randint(3, 90, (2, 4), generator=torch.Generator().manual_seed(3))
     out = generate(tiny_hf_model, ids, sampler=sampler, max_new_tokens=5, generator=[4, 5])
-    assert tiny_hf_model.config._attn_implementation == implementation
+    assert hf_compat.attention_implementation(tiny_hf_model) == implementation
     assert out.stats["tokens"] == 10 and sum(out.stats["quadrant_counts"].values()) == 10
     # A random tiny model is nearly uniform over ~100 tokens: entropy ~6.6 bits, varentropy ~0 -> CLARIFY,
     # so the clarifying token follows every token that is not already the clarifying token.
@@ -232,3 +233,9 @@ def test_faithful_mode_reads_entropix_attention_metrics(tiny_llama):
     assert metrics is None  # detached after generate()
     with pytest.raises(ValueError, match="mode must be one of"):
         EntropixConfig(mode="exact")
+
+
+def test_input_ids_batch_mismatch_raises():
+    sampler = EntropixSampler(EntropixConfig(use_attention=False, clarifying_token_id=7))
+    with pytest.raises(ValueError, match=r"input_ids has 1 rows but scores has 5"):
+        sampler.select(_quadrant_logits(), _state(torch.tensor([[1, 2]])), RowRNG(torch.arange(5)))

@@ -316,3 +316,10 @@ def test_runs_on_gpu():
         assert tokens.device.type == "cuda"
         if mode != "gibbs":
             _assert_exact(tokens.cpu(), torch.softmax(z.double().cpu(), 0))
+
+
+def test_overflowing_beta_names_beta():
+    with pytest.raises(ValueError, match=r"beta=1e\+300: beta \* logits overflows"):
+        PBitSampler("shifted", beta=1e300).sample(torch.tensor([1e10, 0.0, 1.0]), 2, generator=0)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        PBitSampler("shifted", beta=math.inf)

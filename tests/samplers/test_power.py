@@ -226,3 +226,29 @@ def test_block_budgets():
     assert PowerSampler(num_blocks=4).budgets(10) == [3, 6, 9, 10]
     assert PowerSampler(block_size=4).budgets(8) == [4, 8]
     assert PowerSampler(num_blocks=16).budgets(3) == [1, 2, 3]
+
+
+class _UserTopTwo:
+    """A user's warper that declares itself truncating (it only masks tokens): it may opt into the bound."""
+
+    truncating, reads_input_ids = True, False
+
+    def __call__(self, input_ids, scores):
+        threshold = scores.topk(2, dim=-1).values[:, -1:]
+        return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def test_warper_capabilities_come_from_attributes_and_the_hf_table():
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from qllm_samplers.hf_compat import warper_capabilities
+    from qllm_samplers.warpers import RepetitionPenalty, TopP
+
+    assert PowerSampler(proposal_warpers=[_UserTopTwo()]).early_rejection
+    assert PowerSampler(proposal_warpers=[TopKLogitsWarper(5)]).early_rejection
+    assert PowerSampler(proposal_warpers=[TopP(0.9)]).early_rejection
+    for warper in (TemperatureLogitsWarper(0.5), RepetitionPenalty(1.2), _NoImmediateRepeat()):
+        assert not PowerSampler(proposal_warpers=[warper]).early_rejection
+    assert warper_capabilities(RepetitionPenaltyLogitsProcessor(1.2)).reads_input_ids
+    assert not warper_capabilities(TopKLogitsWarper(5)).reads_input_ids
+    assert warper_capabilities(_NoImmediateRepeat()) == (False, True)  # declares nothing: assume the worst

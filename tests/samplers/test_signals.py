@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qllm_samplers import testing
+from qllm_samplers import hf_compat, testing
 from qllm_samplers.lm import forward_step
 from qllm_samplers.signals import AttentionProbe, attention_entropy, entropy_varentropy, token_signals
 
@@ -37,7 +37,7 @@ def peaky_model(request):
 
 def _reference_entropy(model, ids, mask):
     """Last-layer, newest-query attention entropy from output_attentions under eager attention, by hand."""
-    previous = model.config._attn_implementation
+    previous = hf_compat.attention_implementation(model)
     model.set_attn_implementation("eager")
     try:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -124,11 +124,11 @@ def test_probe_leaves_model_outputs_and_implementation_unchanged(peaky_model):
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     before, _ = forward_step(peaky_model, ids, mask)
-    implementation = peaky_model.config._attn_implementation
+    implementation = hf_compat.attention_implementation(peaky_model)
     probe = AttentionProbe().attach(peaky_model)
     during, _ = forward_step(peaky_model, ids, mask)
     probe.detach()
-    assert peaky_model.config._attn_implementation == implementation
+    assert hf_compat.attention_implementation(peaky_model) == implementation
     torch.testing.assert_close(during, before, atol=0, rtol=0)  # the same kernel runs every layer
 
 
@@ -188,7 +188,7 @@ def test_probe_works_with_eager_models():
     forward_step(model, ids, mask)
     got = probe.read(2).clone()
     probe.detach()
-    assert model.config._attn_implementation == "eager"
+    assert hf_compat.attention_implementation(model) == "eager"
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -97,6 +97,8 @@ class QLLMLitModule(L.LightningModule):
         self.model.load_state_dict(state, strict=False)
 
     def setup(self, stage: str) -> None:
+        if stage == "predict":  # prompts only; their length is checked against the context when decoding
+            return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_seq_len:

@@ -16,6 +16,7 @@ were chosen on SmolLM2 generations so that all three states occur on real text.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -27,6 +28,7 @@ from .chain import RowParameters, SamplingChain, sample_rows, warp_rows
 from .lm import forward_step
 from .rng import RowRNG
 from .signals import AttentionProbe, entropy_varentropy, token_signals
+from .warpers import check_input_ids
 
 
 def _as_tensor(a) -> tuple[torch.Tensor, bool]:
@@ -135,6 +137,10 @@ class AlphaSamplerConfig:
     varentropy_weight: float = 0.2
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"AlphaSamplerConfig.{f.name} must be finite, got {value}")
         checks = [
             ("base_temperature", self.base_temperature > 0, "> 0"),
             ("base_top_p", 0 < self.base_top_p <= 1, "in (0, 1]"),
@@ -250,6 +256,7 @@ class AlphaSampler:
 
     def select(self, scores: torch.Tensor, state, rng: RowRNG) -> torch.Tensor:
         batch = scores.shape[0]
+        check_input_ids(state.input_ids, batch, "AlphaSampler's repetition penalty")
         if self._history.shape[0] != batch:
             if self.tokens:
                 raise ValueError(f"scores have {batch} rows but this run started with {self._history.shape[0]}")

@@ -11,6 +11,11 @@ where n and n' are the lengths of the current and proposed states (the probabili
 either side). The target is p^alpha over *whole* continuations of the current budget: EOS-terminated, or cut at
 the budget. docs/power.md derives this and lists where the official code differs.
 
+Multiple-try MH (``proposals=K``): from one cut, K suffixes are drawn in the same batched calls (K lanes per
+chain), one is selected by its weight w = p^alpha / q and accepted with min(1, n/n' * W / (W - w(y) + w(x))),
+W the sum of the K weights (the multiple-try independence sampler: exact, no extra reference draws).
+The result of ``generate`` is the ``GenerateOutput`` every sampler returns (MH counters in ``stats``).
+
 How it stays fast (every row is an independent chain):
 
 - One batched KV cache holds, per row, the prompt, the current state and the proposal being generated. A row's
@@ -105,6 +110,15 @@ def proposal_settings(alpha: float, proposal_temperature, proposal_warpers, prop
             raise ValueError(f"proposal_top_p must be a number in (0, 1] (or None), got {proposal_top_p!r}")
         warpers.append(TopP(float(proposal_top_p)))
     return (1.0 / alpha if temperature is None else temperature), warpers
+
+
+def proposal_logits(scores: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                    warpers: Sequence[Callable]) -> torch.Tensor:
+    """The proposal q's logits: the base model's raw logits at ``temperature``, then the warpers in order."""
+    scores = scores / temperature
+    for warper in warpers:
+        scores = warper(input_ids, scores)
+    return scores
 
 
 def early_rejection_bound_holds(alpha: float, proposal_temperature: float, warpers: Sequence[Callable]) -> bool:
@@ -203,7 +217,9 @@ class PowerSampler:
     after the block in which its state reached EOS); it is not exact for the full-budget target.
     ``draft_tokens`` guesses from the current suffix are fed per call while a proposal still repeats it (exact;
     0 turns it off). ``compaction`` picks how holes leave the cache ("auto": gather for HF DynamicCache,
-    re-prefill otherwise).
+    re-prefill otherwise). ``proposals`` (K > 1) turns each move into a multiple-try move over K candidates drawn
+    in parallel lanes (exact; early rejection off). ``proposal_top_k`` / ``proposal_top_p`` append our TopK / TopP
+    to ``proposal_warpers`` (so that spec strings can set them).
     """
 
     def __init__(self, alpha: float = 4.0, mcmc_steps: int = 10, block_size: int | None = None,
@@ -251,10 +267,7 @@ class PowerSampler:
 
     def proposal_scores(self, scores: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the proposal q from the base model's raw logits."""
-        scores = scores / self.proposal_temperature
-        for warper in self.proposal_warpers:
-            scores = warper(input_ids, scores)
-        return scores
+        return proposal_logits(scores, input_ids, self.proposal_temperature, self.proposal_warpers)
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,

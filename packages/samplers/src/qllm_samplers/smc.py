@@ -36,7 +36,14 @@ import torch
 
 from .generate import GenerateOutput, _eos_tensor
 from .lm import check_decode_inputs, check_logits, forward_step
-from .power import check_integer, check_positive_number, lane_rng, proposal_settings, warpers_read_context
+from .power import (
+    check_integer,
+    check_positive_number,
+    lane_rng,
+    proposal_logits,
+    proposal_settings,
+    warpers_read_context,
+)
 from .rng import GeneratorLike, RowRNG
 
 
@@ -115,10 +122,8 @@ class PowerSMC:
 
     def proposal_scores(self, scores: torch.Tensor, input_ids: torch.Tensor, exponent: float) -> torch.Tensor:
         """Logits of the proposal q from the base model's raw logits (temperature 1/exponent unless fixed)."""
-        scores = scores * exponent if self.fixed_temperature is None else scores / self.fixed_temperature
-        for warper in self.proposal_warpers:
-            scores = warper(input_ids, scores)
-        return scores
+        temperature = 1.0 / exponent if self.fixed_temperature is None else self.fixed_temperature
+        return proposal_logits(scores, input_ids, temperature, self.proposal_warpers)
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,

@@ -213,7 +213,8 @@ SAMPLER_TYPES: dict[str, SamplerType] = {t.name: t for t in [
     SamplerType("entropix", "entropix quadrant sampler, entropix:MODE (normalised, faithful); keys: EntropixConfig "
                 "fields", "qllm_samplers.entropix:EntropixSampler", config="qllm_samplers.entropix:EntropixConfig",
                 positional="mode"),
-    SamplerType("pbit", "p-bit network sampler, pbit:MODE (gibbs, swap, shifted, tempering)",
+    SamplerType("pbit", "p-bit network sampler over the top-50 tokens, pbit:MODE (gibbs, swap, shifted, tempering, "
+                "original)",
                 "qllm_samplers.pbit.token:PBitSampler", aliases={"max_retries": ("retries",), "top_k": ("topk",),
                                                                  "top_p": ("topp",)}, positional="mode"),
 ]}

@@ -122,6 +122,9 @@ def reduce_vocabulary(logits: torch.Tensor, beta: float = 1.0, top_k: int | None
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     batch, vocab = logits.shape
     kept = logits if beta == 1.0 else logits * beta
+    if kept is not logits and not torch.isfinite(kept.amax(dim=-1)).all() and torch.isfinite(logits.amax(dim=-1)).all():
+        raise ValueError(f"beta={beta}: beta * logits overflows {logits.dtype}; allowed: a beta for which "
+                         "beta * max|logit| stays finite")
     if top_k is not None and top_k < vocab:
         kept = apply_top_k(kept, top_k, top_k, -math.inf)
     if top_p is not None and top_p < 1.0:
@@ -241,6 +244,13 @@ class OneHotNetwork:
         return PBitNetwork(couplings, log_probs / beta + penalty, states="binary", beta=beta, offset=penalty)
 
 
+def _failures(index: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+    """[C] bool: the chains that never reached a one-hot state."""
+    failed = torch.zeros_like(index, dtype=torch.bool)
+    failed[pending] = True
+    return failed
+
+
 def _one_hot_index(y: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(is one-hot [C], index of the largest on-bit [C]) of states y [K, C]."""
     return s == 1, y.argmax(dim=0)
@@ -325,7 +335,7 @@ class PBitSampler:
     def __repr__(self) -> str:
         return (f"PBitSampler(mode={self.mode!r}, lam={self.lam}, beta={self.beta}, sweeps={self.sweeps}, "
                 f"update={self.update!r}, max_retries={self.max_retries}, top_k={self.top_k}, "
-                f"top_p={self.top_p}, fallback={self.fallback!r})")
+                f"top_p={self.top_p}, fallback={self.fallback!r}, max_bits={self.max_bits})")
 
     def stats(self) -> dict:
         """The counters as a dict (``generate()`` puts this in ``GenerateOutput.stats``)."""
@@ -433,12 +443,8 @@ class PBitSampler:
         for attempt in range(self.max_retries + 1):
             for _ in range(self.sweeps):
                 network.sweep(y, s, source, self.update)
-            self.counters.sweeps += self.sweeps * pending.numel()
             one_hot, hot = _one_hot_index(y, s)
-            self.counters.attempts += pending.numel()
-            self.counters.invalid_attempts += int((~one_hot).sum())
-            index[pending[one_hot]] = hot[one_hot]
-            pending = pending[~one_hot]
+            pending = self._settle(index, pending, one_hot, hot)
             uniform.advance(source)
             if pending.numel() == 0 or attempt == self.max_retries:
                 break
@@ -446,9 +452,17 @@ class PBitSampler:
             network = OneHotNetwork(log_probs[pending], valid[pending], self.beta * self.lam)
             y, s = y[:, ~one_hot].contiguous(), s[~one_hot].contiguous()
             source = uniform.subset(pending)
-        failed = torch.zeros_like(index, dtype=torch.bool)
-        failed[pending] = True
-        return index, failed
+        return index, _failures(index, pending)
+
+    def _settle(self, index: torch.Tensor, pending: torch.Tensor, one_hot: torch.Tensor,
+                hot: torch.Tensor) -> torch.Tensor:
+        """Count one attempt of the ``pending`` chains, keep the tokens of those that reached a one-hot state
+        (in ``index``, in place), and return the chains still pending."""
+        self.counters.sweeps += self.sweeps * pending.numel()
+        self.counters.attempts += pending.numel()
+        self.counters.invalid_attempts += int((~one_hot).sum())
+        index[pending[one_hot]] = hot[one_hot]
+        return pending[~one_hot]
 
     def _original(self, logits, valid, uniform):
         """qllm-pbits' PBitOneHotSampler: each attempt starts from a uniformly chosen one-hot state and makes
@@ -465,19 +479,12 @@ class PBitSampler:
             y[start, torch.arange(network.num_chains, device=y.device)] = 1.0
             s += 1.0
             network.sweep(y, s, source, "random", steps=updates)
-            self.counters.sweeps += self.sweeps * pending.numel()
-            one_hot, hot = _one_hot_index(y, s)
-            self.counters.attempts += pending.numel()
-            self.counters.invalid_attempts += int((~one_hot).sum())
-            index[pending[one_hot]] = hot[one_hot]
-            pending = pending[~one_hot]
+            pending = self._settle(index, pending, *_one_hot_index(y, s))
             uniform.advance(source)
             if pending.numel() == 0:
                 break
             source = uniform.subset(pending)
-        failed = torch.zeros_like(index, dtype=torch.bool)
-        failed[pending] = True
-        return index, failed
+        return index, _failures(index, pending)
 
     def _shifted(self, log_probs, valid, uniform):
         num_chains = log_probs.shape[0]
@@ -495,20 +502,12 @@ class PBitSampler:
                 y = source.columns(threshold.shape[0]) < threshold
             if valid_t is not None:
                 y &= valid_t[:, pending] if subset else valid_t
-            one_hot = y.sum(dim=0) == 1
-            hot = y.to(torch.uint8).argmax(dim=0)
-            self.counters.sweeps += self.sweeps * pending.numel()
-            self.counters.attempts += pending.numel()
-            self.counters.invalid_attempts += int((~one_hot).sum())
-            index[pending[one_hot]] = hot[one_hot]
-            pending = pending[~one_hot]
+            pending = self._settle(index, pending, y.sum(dim=0) == 1, y.to(torch.uint8).argmax(dim=0))
             uniform.advance(source)
             if pending.numel() == 0:
                 break
             source = uniform.subset(pending)
-        failed = torch.zeros_like(index, dtype=torch.bool)
-        failed[pending] = True
-        return index, failed
+        return index, _failures(index, pending)
 
     def _swap(self, log_probs, valid, uniform):
         counts = valid.sum(dim=1)
