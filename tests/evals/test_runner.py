@@ -424,3 +424,22 @@ def test_cli_merges_a_partial_run_on_request(tiny_cli, tmp_path, capsys):
     assert script.main(["--merge", str(tmp_path / "cli"), "--allow-incomplete"]) == 0
     table = capsys.readouterr().out
     assert "(incomplete) |" in table and "results:" in table
+
+
+@pytest.mark.slow
+def test_the_dequantized_copy_loads_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    fresh, fresh_tokenizer = models.load_causal_lm("smollm2-135m-instruct")  # de-quantizes the GGUF, keeps a copy
+    (copy,) = list((tmp_path / "cache").iterdir())
+    assert (copy / "model.safetensors").is_file() and not list((tmp_path / "cache").glob(".*"))
+    cached, cached_tokenizer = models.load_causal_lm("smollm2-135m-instruct")  # reads the copy
+    prompt = models.chat_prompt_ids(fresh_tokenizer, ["What is 12 + 7?"], system="Be brief.")
+    assert models.chat_prompt_ids(cached_tokenizer, ["What is 12 + 7?"], system="Be brief.") == prompt
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id", "padding_side", "chat_template"):
+        assert getattr(cached_tokenizer, name) == getattr(fresh_tokenizer, name), name
+    assert cached.generation_config.eos_token_id == fresh.generation_config.eos_token_id
+    with torch.no_grad():
+        ids = torch.tensor(prompt)
+        assert torch.equal(cached(ids).logits, fresh(ids).logits)
+    monkeypatch.setenv("QLLM_MODEL_CACHE", "off")
+    assert models.dequantized_cache_dir(models.embedded_model_path("smollm2-135m-instruct")) is None

@@ -64,7 +64,8 @@ def test_predict_decodes_with_a_sequence_sampler(checkpoint, tmp_path):
     spec = "power:alpha=2:steps=1:blocks=2"
     cli = run_cli(["predict", "--config", str(REPO / "configs" / "tiny.yaml"), "--ckpt_path", str(checkpoint),
                    "--trainer.logger", "false", "--trainer.callbacks", "[]",
-                   "--checkpoint.dirpath", str(tmp_path), "--data.predict_prompts", '["to be", "or not"]',
+                   "--checkpoint.dirpath", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+                   "--data.predict_prompts", '["to be", "or not"]',
                    "--data.predict_sampler", spec, "--data.predict_max_new_tokens", "6", "--data.predict_seed", "4"])
     texts = cli.trainer.predict_loop.predictions[0]
     assert texts[1] == expected_text(checkpoint, spec, "or not", 6, seed=5)  # prompt i uses seed + i

@@ -10,8 +10,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from qllm_model import data as qdata
 from qllm_evals.metrics.bpb import BitsPerByte, nll_and_count
+from qllm_model import data as qdata
 from qllm_model.cli import run_cli
 from qllm_model.config import QLLMConfig
 from qllm_model.data import IGNORE_INDEX, ByteWindows, QLLMDataModule, UnpaddedDistributedSampler
@@ -355,3 +355,26 @@ def test_shipped_configs_are_valid(name):
     if name == "tiny_lora.yaml":
         assert (config.lora_r, config.lora_alpha) == (32, 64.0) and values["model"]["lora_only"]
 
+
+
+def test_curve_of_one_run_across_resumes(tmp_path):
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from qllm_model.curves import read_scalars
+
+    def write(steps, value, when):
+        writer = SummaryWriter(str(tmp_path), filename_suffix=f".{when}")
+        for step in steps:
+            writer.add_scalar("train/bpb", value, step)
+        writer.close()
+        (file,) = [f for f in tmp_path.glob("events.out.tfevents.*") if f.name.endswith(f".{when}")]
+        os.utime(file, (when, when))
+
+    write(range(10, 60, 10), 5.0, 1_000)  # the run, killed after step 50
+    write(range(40, 90, 10), 4.0, 2_000)  # resumed from its step-30 checkpoint: steps 40-50 replayed
+    assert [(p["step"], p["value"]) for p in read_scalars(tmp_path)["train/bpb"]] == [
+        (10, 5.0), (20, 5.0), (30, 5.0), (40, 4.0), (50, 4.0), (60, 4.0), (70, 4.0), (80, 4.0)]
+    write(range(10, 30, 10), 3.0, 3_000)  # a new run started from scratch in the same folder
+    assert [(p["step"], p["value"]) for p in read_scalars(tmp_path)["train/bpb"]] == [(10, 3.0), (20, 3.0)]

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ _INSTALL_HINT = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+MODEL_CACHE_ENV = "QLLM_MODEL_CACHE"
 _MIB = 1 << 20
 
 
@@ -142,6 +146,57 @@ def model_identity(name_or_path: str, *, offline: bool | None = None) -> dict:
     return {"kind": "hub", "name": source, "revision": revision}
 
 
+def dequantized_cache_dir(gguf_path: Path) -> Path | None:
+    """Where the float32 copy of a GGUF model is kept: ``$QLLM_MODEL_CACHE`` (``off`` for none), else
+    ``~/.cache/qllm/dequantized``, one directory per GGUF identity and transformers version."""
+    setting = os.environ.get(MODEL_CACHE_ENV)
+    if setting is not None and setting.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    root = (Path(setting).expanduser() if setting
+            else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qllm" / "dequantized")
+    import transformers
+
+    key = json.dumps([_file_identity(gguf_path), transformers.__version__], sort_keys=True)
+    return root / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _write_dequantized(model, tokenizer, cache: Path) -> None:
+    """Save what the GGUF load produced (weights, config, tokenizer) so that the next load reads plain files.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, so the pieces are written one by one;
+    a temporary directory renamed at the end means a reader sees a whole copy or none.
+    """
+    from safetensors.torch import save_file
+
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied weights (lm_head = embeddings): stored once, re-tied on load
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the copy is plain float32, not GGUF any more
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            if not (cache / "model.safetensors").is_file():
+                raise
+            # another process (a shard started at the same time) kept its identical copy first
+    except OSError as error:  # a read-only or full disk costs speed next time, never this load
+        warnings.warn(f"could not keep a de-quantized copy of the model in {cache} ({error}); set "
+                      f"{MODEL_CACHE_ENV}=off to stop trying", RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp.exists():  # another process renamed its copy first, or the write failed
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_causal_lm(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device | None = "cpu", offline: bool | None = None):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (None: CUDA when available, else CPU).
@@ -150,14 +205,21 @@ def load_causal_lm(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = to
     cache when ``offline``), a local HF model directory, or a ``.gguf`` file. ``offline`` (default:
     ``HF_HUB_OFFLINE``) never contacts the hub. The tokenizer gets a pad token (EOS) if it has none, and pads on
     the left, which is what batched decoding needs. Bad arguments raise ``ConfigError`` before any weights load.
+
+    A GGUF file is de-quantized (and its tokenizer converted) on the first load, which takes most of the load's
+    time; the float32 result is kept (``dequantized_cache_dir``) and later loads read it instead: the same
+    weights, token for token the same tokenizer.
     """
     device = resolve_device(device)
     offline = hub_offline() if offline is None else offline
     source, gguf_file = resolve_model_path(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cache = dequantized_cache_dir(Path(source) / gguf_file) if gguf_file else None
+    if cache is not None and (cache / "model.safetensors").is_file():
+        source, gguf_file = str(cache), None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if offline:
+    if offline or cache is not None:
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -166,6 +228,8 @@ def load_causal_lm(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = to
         where = "offline: not in the local hub cache" if offline else f"{error}"
         raise ConfigError("model", f"could not load {name_or_path!r} ({where}). Pass a local directory, a .gguf "
                                    f"file or one of: {', '.join(EMBEDDED_MODELS)}") from error
+    if gguf_file and cache is not None and dtype == torch.float32:
+        _write_dequantized(model, tokenizer, cache)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

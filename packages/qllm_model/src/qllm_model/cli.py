@@ -74,8 +74,8 @@ def generate_main(argv: Sequence[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="qllm generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Sample text from a qllm checkpoint with any sampler.\n\nsamplers (--sampler NAME[:VALUE][:KEY=VALUE...]):\n"
-                    + sampler_help())
+        description="Sample text from a qllm checkpoint with any sampler.\n\n"
+                    "samplers (--sampler NAME[:VALUE][:KEY=VALUE...]):\n" + sampler_help())
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `qllm fit` (e.g. runs/.../last.ckpt)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     parser.add_argument("--sampler", default="temp:0.8",

@@ -12,8 +12,9 @@ def read_scalars(logdir: str | Path, tags: Sequence[str] = ("train/bpb", "val/bp
     """{tag: [{"step", "value", "seconds"}]} of one training run: the event files directly in ``logdir``.
 
     A resumed run appends event files to the same folder (the configs fix the logger's version), and steps
-    replayed after a kill are kept from the newest file. Sub-folders (``validate``, ``test``, other runs) are not
-    read. ``seconds`` is wall time since the run's first event.
+    replayed after a kill are kept from the newest file; a file that starts from the first step again (a new run
+    in the same folder) drops the older ones. Sub-folders (``validate``, ``test``, other runs) are not read.
+    ``seconds`` is wall time since the run's first event.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,14 +24,23 @@ def read_scalars(logdir: str | Path, tags: Sequence[str] = ("train/bpb", "val/bp
         runs = sorted({str(f.parent) for f in folder.rglob("events.out.tfevents.*")})
         hint = f"; runs under it: {', '.join(runs)}" if runs else ""
         raise ValueError(f"--logdir {logdir}: no TensorBoard event files in this folder{hint}")
-    by_step: dict[str, dict[int, dict]] = {tag: {} for tag in tags}
-    for file in files:  # oldest first, so a replayed step keeps the resumed run's value
+    runs = []
+    for file in files:
         events = EventAccumulator(str(file))
         events.Reload()
-        for tag in tags:
-            if tag in events.Tags()["scalars"]:
-                for e in events.Scalars(tag):
-                    by_step[tag][e.step] = {"step": e.step, "value": e.value, "wall": e.wall_time}
+        runs.append({tag: events.Scalars(tag) for tag in tags if tag in events.Tags()["scalars"]})
+    # A resumed run's file starts at its checkpoint's step; a file that starts from the first step again is a
+    # new run written into the same folder, and the older files are not part of it.
+    first_steps = [min((e.step for points in run.values() for e in points), default=None) for run in runs]
+    known = [s for s in first_steps if s is not None]
+    if known:
+        start_step = min(known)
+        runs = runs[max(i for i, s in enumerate(first_steps) if s == start_step):]
+    by_step: dict[str, dict[int, dict]] = {tag: {} for tag in tags}
+    for run in runs:  # oldest first, so a replayed step keeps the resumed run's value
+        for tag, points in run.items():
+            for e in points:
+                by_step[tag][e.step] = {"step": e.step, "value": e.value, "wall": e.wall_time}
     start = min((p["wall"] for points in by_step.values() for p in points.values()), default=0.0)
     return {tag: [{"step": p["step"], "value": p["value"], "seconds": p["wall"] - start}
                   for _, p in sorted(points.items())] for tag, points in by_step.items()}
