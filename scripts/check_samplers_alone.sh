@@ -8,7 +8,10 @@ venv="${QLLM_SAMPLERS_VENV:-$(mktemp -d)/venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -c constraints.txt torch
-"$venv/bin/python" -m pip install -q -c constraints.txt "./packages/samplers[test]"
+# Build from a copy, so that no build/ folder is left in the source tree.
+src="$(mktemp -d)/samplers"
+cp -r packages/samplers "$src"
+"$venv/bin/python" -m pip install -q -c constraints.txt "$src[test]"
 for other in qllm_evals qllm_model lightning; do
   if "$venv/bin/python" -c "import $other" 2>/dev/null; then
     echo "check_samplers_alone: $other is importable in the samplers-only venv; the check would prove nothing" >&2
