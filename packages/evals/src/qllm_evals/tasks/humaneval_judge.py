@@ -20,8 +20,15 @@ import time
 if __package__:  # imported as qllm_evals.tasks.humaneval_judge (tests)
     from qllm_evals.plain_data import PlainDataError, decode, encode, read_message, write_message
 else:  # run by path as the judge: the codec from its own file, not through the package (which imports torch)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from plain_data import PlainDataError, decode, encode, read_message, write_message
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "qllm_plain_data", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plain_data.py")
+    )
+    _codec = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_codec)
+    PlainDataError, decode, encode = _codec.PlainDataError, _codec.decode, _codec.encode
+    read_message, write_message = _codec.read_message, _codec.write_message
 
 MAX_REASON_CHARS = 200
 
