@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from qllm_evals.models import left_pad
+from qllm_samplers import testing
 from qllm_samplers.alpha import AlphaSampler, AlphaSamplerConfig, calibrate_weights
 from qllm_samplers.entropix import EntropixSampler
 from qllm_samplers.generate import generate
@@ -48,16 +49,6 @@ SAMPLERS = {
 }
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
 def gsm8k_questions(data_dir: Path, n: int) -> list[str]:
     path = data_dir / "gsm8k" / "test.jsonl"
     if not path.is_file():
@@ -69,7 +60,7 @@ def gsm8k_questions(data_dir: Path, n: int) -> list[str]:
 def load(name: str, args):
     """(model, prompt ids, attention mask, eos ids) for one benchmark model."""
     if name == "tiny":
-        model = tiny_llama()
+        model = testing.tiny_llama(512, max_position_embeddings=512, hidden_size=64, initializer_range=0.2)
         ids = torch.randint(3, 512, (max(args.batch_sizes), 24), generator=torch.Generator().manual_seed(0))
         return model, ids, torch.ones_like(ids), None, []
     if name == "qllm":
@@ -188,20 +179,23 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", default=["tiny", "smollm2-135m-instruct"],
                         help="'tiny' (random Llama), 'smollm2-135m-instruct' or another load_causal_lm name")
     parser.add_argument("--qllm-checkpoint", type=Path, default=None, help="also benchmark this QLLM checkpoint")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="batch sizes of the timed runs")
     parser.add_argument("--no-timing", action="store_true", help="only the state / quadrant frequencies")
     parser.add_argument("--calibrate", action="store_true",
                         help="also fit alpha's weights to the model (calibrate_weights: 20%% COLD, 15%% HOT on its "
                              "own text at T=0.7) and report the frequencies with them")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     parser.add_argument("--freq-prompts", type=int, default=32, help="prompts for the state frequencies")
-    parser.add_argument("--freq-batch", type=int, default=8)
-    parser.add_argument("--freq-new-tokens", type=int, default=96)
+    parser.add_argument("--freq-batch", type=int, default=8, help="batch size for the state-frequency runs")
+    parser.add_argument("--freq-new-tokens", type=int, default=96,
+                        help="new tokens per prompt in the state-frequency runs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: CPU time is then a clean measure of the work)")
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "bench_alpha.json")
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+                        help="offline data directory (prompts come from its arithmetic/GSM8K files)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "bench_alpha.json",
+                        help="where the JSON results are written")
     args = parser.parse_args(argv)
     for name in ("new_tokens", "repeats", "freq_prompts", "freq_batch", "freq_new_tokens", "threads"):
         if getattr(args, name) < 1:

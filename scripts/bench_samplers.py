@@ -206,21 +206,25 @@ def print_table(results: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[49_152, 151_936])
-    parser.add_argument("--kinds", nargs="+", default=["peaked", "flat"], choices=["peaked", "flat"])
+    parser.add_argument("--batch", type=int, default=32, help="rows per warper call (B)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49_152, 151_936], help="vocabulary sizes (V) to time")
+    parser.add_argument("--kinds", nargs="+", default=["peaked", "flat"], choices=["peaked", "flat"],
+                        help="row kinds: peaked (LM-like logits) and flat (near-uniform, a wide nucleus)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (B=4, V=3000 and 20000, 1 repeat): checks that everything runs and agrees")
     parser.add_argument("--generation", action="store_true", help="also benchmark generation on SmolLM2")
     parser.add_argument("--only-generation", action="store_true", help="skip part 1 (implies --generation)")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--gen-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "bench_samplers.json")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="model for the generation part (load_causal_lm name)")
+    parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the generation part")
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="new tokens per generation run (EOS off: equal lengths)")
+    parser.add_argument("--gen-repeats", type=int, default=3, help="timed repeats per generation configuration")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "bench_samplers.json",
+                        help="where the JSON results are written")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.vocab, args.repeats = 4, [3000, 20_000], 1

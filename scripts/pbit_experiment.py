@@ -375,22 +375,24 @@ def section_smollm2(args, results) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="samples per configuration")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="base seed of every sampler run")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats for the exact modes (median)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: the per-bit ops are tiny, more threads only sync)")
     parser.add_argument("--calibrate", action="store_true", help="search the best lambda for gibbs mode")
-    parser.add_argument("--calibrate-sweeps", type=int, default=100)
-    parser.add_argument("--calibrate-lambdas", type=float, nargs="+",
+    parser.add_argument("--calibrate-sweeps", type=int, default=100, help="sweeps per draw in the lambda search")
+    parser.add_argument("--calibrate-lambdas", type=float, nargs="+", help="lambda values tried by --calibrate",
                         default=[0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
     parser.add_argument("--large-gibbs-n", type=int, default=2000,
                         help="draws for gibbs at V=1000 (100 sweeps of 1,000 single-bit updates each)")
     parser.add_argument("--no-model", action="store_true", help="skip the SmolLM2 section")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--sections", nargs="+",
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="model of the smollm2 section (load_causal_lm name)")
+    parser.add_argument("--sections", nargs="+", help="which parts to run (default: all)",
                         default=["original", "modes", "sweeps", "mixing", "histogram", "large", "smollm2"],
                         choices=["original", "modes", "sweeps", "mixing", "histogram", "large", "smollm2"])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "pbit_experiment.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_results" / "pbit_experiment.json",
+                        help="where the JSON results are written")
     parser.add_argument("--plot-dir", type=Path, default=None, help="PNG directory (default: next to --out)")
     args = parser.parse_args()
     if args.n < 1:

@@ -17,6 +17,7 @@ from qllm_evals.metrics.bpb import (
     tokenize_with_bytes,
     utf8_prefix,
 )
+from qllm_samplers.testing import tiny_bpe_tokenizer, tiny_gpt2
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Café naïve 日本語 😀 costs 12 + 7 = 19 euros.\n"
         "A second line: the dog sleeps; the fox runs away.\n")
@@ -24,17 +25,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Café naïve 日本語 �
 
 def build_tiny_tokenizer():
     """A byte-level BPE tokenizer (320 ids) trained offline in a second on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT * 5, "1 + 2 = 3. 12 + 7 = 19. The answer is 19."], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    return tiny_bpe_tokenizer([TEXT * 5, "1 + 2 = 3. 12 + 7 = 19. The answer is 19."], vocab_size=320)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +35,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=4)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(len(tokenizer), n_positions=256, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def direct_nll(model, ids: list[int], start: int, position: int) -> float:

@@ -16,25 +16,15 @@ from qllm_evals.errors import ConfigError
 from qllm_evals.report import bootstrap_interval, markdown_table, summarize
 from qllm_evals.runner import EvalConfig, merge, parse_shard, read_records, row_seed, run_eval
 from qllm_evals.tasks.base import Problem
+from qllm_samplers.testing import tiny_bpe_tokenizer, tiny_gpt2
 
 SAMPLERS = ["greedy", "temp:0.8", "power:alpha=2:steps=1:blocks=2"]
 FAST = ["greedy", "temp:0.8"]  # where power sampling adds nothing to what a test checks
 
 
 def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (300 ids) trained offline on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Count: 0 1 2 3 4 5 6 7 8 9 10. The answer is 11."] * 3, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.padding_side = "left"
-    return tokenizer
+    """A byte-level BPE tokenizer (300 ids), left padding, trained offline on a few sentences."""
+    return tiny_bpe_tokenizer(["Count: 0 1 2 3 4 5 6 7 8 9 10. The answer is 11."] * 3, padding_side="left")
 
 
 @dataclass
@@ -56,13 +46,9 @@ class ParityTask:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    return GPT2LMHeadModel(config).eval(), tokenizer
+    eos = tokenizer.eos_token_id
+    return tiny_gpt2(len(tokenizer), n_positions=1024, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos), tokenizer
 
 
 def run(tiny, out, *, seeds=(0, 1), n=6, batch_size=4, name="run", samplers=SAMPLERS, chart=False, **kwargs):

@@ -16,25 +16,48 @@ import torch
 EOS, VOCAB, PROMPT = 2, 5, [1, 3]
 
 
-def tiny_gpt2(vocab_size: int = 97, seed: int = 0):
-    """A 2-layer random GPT-2 (n_embd 32, 128 positions; bos 1, eos 2, pad 0) in eval mode."""
+def tiny_gpt2(vocab_size: int = 97, seed: int = 0, *, n_positions: int = 128, bos_token_id: int = 1,
+              eos_token_id: int = 2, pad_token_id: int = 0):
+    """A 2-layer random GPT-2 (n_embd 32, 4 heads) in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(vocab_size: int = 101, seed: int = 0, max_position_embeddings: int = 128):
-    """A 2-layer random Llama (hidden 32, 4 heads, 2 KV heads; bos 1, eos 2, pad 0) in eval mode."""
+def tiny_llama(vocab_size: int = 101, seed: int = 0, *, max_position_embeddings: int = 128, hidden_size: int = 32,
+               num_hidden_layers: int = 2, initializer_range: float = 0.02):
+    """A random Llama (4 heads, 2 KV heads, MLP 2x hidden; bos 1, eos 2, pad 0) in eval mode.
+
+    The defaults are test-sized; benchmarks use e.g. ``vocab_size=512, hidden_size=64, num_hidden_layers=4``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 300, *, padding_side: str = "right"):
+    """A byte-level BPE tokenizer trained offline in about a second on ``texts`` ("<|endoftext|>" is EOS/BOS/pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 def toy_lm(seed: int = 1, scale: float = 8.0, eos_bias: float = 0.0, vocab_size: int = VOCAB, eos: int = EOS):
