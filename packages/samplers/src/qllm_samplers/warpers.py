@@ -18,6 +18,7 @@ straddle a cut-off (top-p's nucleus boundary, ``min_tokens_to_keep``, typical's 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -209,7 +210,7 @@ def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor, any_greed
 def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor | int, k_max: int, filter_value: float) -> torch.Tensor:
     """``top_k`` already includes min_tokens_to_keep (transformers keeps max(top_k, min_tokens_to_keep)).
 
-    One ``torch.topk`` and one masked fill, as transformers does. With one k for every row the k-th value is the
+    One ``torch.topk`` and one select, the work transformers does. With one k for every row the k-th value is the
     minimum of an unsorted top-k (no sort of the k values); per-row k needs them sorted to pick each row's k-th.
     """
     vocab = scores.shape[-1]
@@ -221,7 +222,8 @@ def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor | int, k_max: int, fil
         values = scores.topk(min(k_max, vocab), dim=-1).values
         check_scores(scores, values[:, 0])
         kth = values.gather(1, (top_k.clamp(max=min(k_max, vocab)) - 1)[:, None])  # transformers clamps k to V
-    return scores.masked_fill(scores < kth, filter_value)
+    # where(keep) is one fused pass; `scores < kth` + masked_fill is two (NaN never gets here: check_scores).
+    return torch.where(scores >= kth, scores, filter_value)
 
 
 def canonical_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +323,19 @@ def candidate_probs(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tens
     return picked / total[:, None], tail / total
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch tensor kept between calls (its contents are garbage): the hot path's large
+    temporaries reuse mapped memory instead of faulting in fresh pages each step."""
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        setattr(_SCRATCH, name, buffer)
+    return buffer
+
+
 def nucleus_by_histogram(scores: torch.Tensor, threshold: torch.Tensor, min_tokens_to_keep: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' top-p removal mask of float32 rows without sorting: ``(remove [B, V], ok [B])``.
@@ -342,9 +357,12 @@ def nucleus_by_histogram(scores: torch.Tensor, threshold: torch.Tensor, min_toke
     # Tokens more than EXP_UNDERFLOW below the maximum have probability exactly 0: they all share bin 0.
     low = torch.maximum(scores.amin(dim=-1, keepdim=True), row_max - EXP_UNDERFLOW)
     scale = HISTOGRAM_BINS / (row_max - low).clamp(min=1e-30)
-    bins = ((scores - low) * scale).clamp_(0, HISTOGRAM_BINS - 1).to(torch.int64)  # monotone in the logit
+    # copy_ into reused buffers: a fresh [B, V] 64-bit tensor costs ~10 ms of page faults per call on a CPU.
+    bins = scratch("top_p_bins", scores.shape, torch.int64, scores.device).copy_(
+        (scores - low).mul_(scale).clamp_(0, HISTOGRAM_BINS - 1))  # truncation: monotone in the logit
+    probs64 = scratch("top_p_probs64", scores.shape, torch.float64, scores.device).copy_(probs)
     mass = torch.zeros(batch, HISTOGRAM_BINS, dtype=torch.float64, device=scores.device)
-    cumulative = mass.scatter_add_(1, bins, probs.to(torch.float64)).cumsum(dim=-1)
+    cumulative = mass.scatter_add_(1, bins, probs64).cumsum(dim=-1)
     # Our float32 normaliser (the row summed as given, large and small values mixed) can be off by 1e-5; the
     # exponentials themselves are transformers', so renormalising in float64 leaves only its normaliser's error.
     total = cumulative[:, -1:]
@@ -390,7 +408,10 @@ def top_p_fast(scores: torch.Tensor, top_p: torch.Tensor, min_tokens_to_keep: in
     threshold = top_p_threshold(top_p)
     out = torch.full_like(scores, filter_value)
     k = max(candidates, min_tokens_to_keep + 1)
-    if 2 * k < vocab:
+    # Flat rows: when even k tokens at the row's largest probability cannot reach the nucleus mass, the candidate
+    # search must fail; skip it when that holds for every row (only the speed depends on this test).
+    reachable = (k * (scores.amax(dim=-1) - scores.logsumexp(dim=-1)).exp() >= (1 - threshold) * (1 - 1e-3)).any()
+    if 2 * k < vocab and bool(reachable):
         values, ids = canonical_topk(scores, k)
         check_scores(scores, values[:, 0])
         probs, tail = candidate_probs(scores, ids)
