@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ast
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {"samplers": "qllm_samplers", "qllm_model": "qllm_model", "evals": "qllm_evals"}
