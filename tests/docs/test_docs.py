@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+        *sorted((REPO_ROOT / "packages").glob("*/README.md"))]
 PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 LANGUAGES = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
 DEFAULT_TIMEOUT = 120
