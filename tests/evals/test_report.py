@@ -123,3 +123,14 @@ def test_the_chart_has_intervals_and_labels_on_every_panel(tmp_path, monkeypatch
     assert all(ax.get_ylabel().startswith("accuracy") for ax in axes)
     assert all(max(len(line) for line in tick.get_text().splitlines()) <= 28 for ax in axes
                for tick in ax.get_xticklabels())
+
+
+def test_mean_log_p_per_token_weights_samples_by_their_tokens():
+    records = [record("a", 0, 0, True, stats={"log_p": -2.0}), record("a", 1, 0, False, new_tokens=12,
+                                                                         stats={"log_p": -3.0}),
+               record("b", 0, 0, True), record("b", 1, 0, True)]  # b reports no log p
+    rows = {row["sampler"]: row for row in summarize(records, ["a", "b"])["samplers"]}
+    assert rows["a"]["mean_logp_per_token"] == pytest.approx(-5.0 / 16)  # (-2 - 3) / (4 + 12), not the mean of ratios
+    assert math.isnan(rows["b"]["mean_logp_per_token"])
+    table = markdown_table(summarize(records, ["a", "b"]))
+    assert "log p / token" in table and "-0.312" in table and "n/a" in table

@@ -86,6 +86,13 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _mean_logp_per_token(items: list[dict]) -> float:
+    """Sum of the samples' base-model log p over their new tokens (NaN when no sample reports log p)."""
+    scored = [item for item in items if "log_p" in item.get("stats", {}) and item["new_tokens"] > 0]
+    tokens = sum(item["new_tokens"] for item in scored)
+    return sum(item["stats"]["log_p"] for item in scored) / tokens if tokens else math.nan
+
+
 def summarize(records: list[dict], sampler_order: list[str], expected: dict[str, int] | None = None) -> dict:
     """Per-sampler statistics from the per-sample records (keyed by the sampler's canonical id), and each
     sampler paired against the first one.
@@ -124,6 +131,8 @@ def summarize(records: list[dict], sampler_order: list[str], expected: dict[str,
             "ci95_per_level": {k: list(bootstrap_interval(list(v.values())))
                                for k, v in sorted(level_scores.items(), key=_level_key)},
             "new_tokens_per_sample": tokens / len(items) if items else math.nan,
+            # how likely the base model finds what the sampler wrote: power samplers should raise it
+            "mean_logp_per_token": _mean_logp_per_token(items),
             "seconds_per_sample": seconds / len(items) if items else math.nan,
             "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
             "stopped_fraction": _mean(item["stopped"] for item in items),
@@ -168,9 +177,9 @@ def markdown_table(summary: dict, title: str = "") -> str:
     has_mh = any("mh_acceptance" in row for row in rows)
     lines = [f"## {title}", ""] if title else []
     header = ["sampler", "accuracy", "95% CI", *(f"pass@{k}" for k in ks), *(["MH acceptance"] if has_mh else []),
-              "samples (problems x seeds)", "new tokens / sample", "s / sample", "tokens / s"]
+              "samples (problems x seeds)", "new tokens / sample", "log p / token", "s / sample", "tokens / s"]
     lines += ["| " + " | ".join(header) + " |",
-              "|---|---:|---|" + "---:|" * (len(ks) + has_mh) + "---:|---:|---:|---:|"]
+              "|---|---:|---|" + "---:|" * (len(ks) + has_mh) + "---:|---:|---:|---:|---:|"]
     for row in rows:
         low, high = row["ci95"]
         name = f"`{row['sampler']}`" + ("" if row["complete"] else " (incomplete)")
@@ -179,7 +188,8 @@ def markdown_table(summary: dict, title: str = "") -> str:
         if has_mh:
             cells.append(_fmt(row["mh_acceptance"], 2) if "mh_acceptance" in row else "")
         cells += [f"{row['samples']} ({row['problems']} x {len(row['seeds'])})",
-                  _fmt(row["new_tokens_per_sample"], 1), _fmt(row["seconds_per_sample"], 2),
+                  _fmt(row["new_tokens_per_sample"], 1), _fmt(row.get("mean_logp_per_token", math.nan), 3),
+                  _fmt(row["seconds_per_sample"], 2),
                   _fmt(row["tokens_per_second"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     if len(rows) > 1:
