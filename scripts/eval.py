@@ -197,7 +197,10 @@ def decide_offline(flag: bool) -> bool:
 
 
 def default_data_dir() -> Path | None:
-    path = Path(os.environ.get("QLLM_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+    """The library's default ($QLLM_SHARED_DATA), else the monorepo's ../shared/data, when it is a directory."""
+    from qllm_evals.tasks.base import default_data_dir as library_default
+
+    path = library_default() or REPO_ROOT.parent / "shared" / "data"
     return path if path.is_dir() else None
 
 

@@ -15,15 +15,6 @@ from qllm_samplers.generate import generate
 from qllm_samplers.lm import context_limit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small run fastest on one thread; extra threads only spin, badly so on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides) -> QLLMConfig:
     values = dict(max_seq_len=48, d_model=32, n_layers=2, n_heads=4, n_global_tokens=4, phase_mode="gain")
     values.update(overrides)

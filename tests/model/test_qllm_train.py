@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = dict(max_seq_len=32, d_model=32, n_layers=2, n_heads=4, n_global_tokens=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small run fastest on one thread; extra threads only spin, badly so on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def corpus(tmp_path) -> Path:
     # Non-UTF-8 bytes are bytes like any other.

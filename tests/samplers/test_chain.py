@@ -22,15 +22,6 @@ from qllm_samplers.rng import RowRNG
 from qllm_samplers.warpers import MinP, RepetitionPenalty, Temperature, TopK, TopP, Typical
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops; on a shared 2-core machine OpenMP's waits dominate them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logits(batch: int, vocab: int, seed: int, scale_low: float = 1.0, scale_high: float = 7.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     scale = scale_low + (scale_high - scale_low) * torch.rand(batch, 1, generator=g)

@@ -19,16 +19,6 @@ from qllm_samplers.pbit.network import (
 from qllm_samplers.rng import RowRNG
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny per-bit tensor ops: a second intra-op thread only adds synchronisation (10x slower
-    # on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_against_exact(network: PBitNetwork, states: torch.Tensor, moment_tolerance: float) -> None:
     """States [C, N] from independent chains match the enumerated Boltzmann distribution."""
     exact = network.exact_distribution()

@@ -13,15 +13,6 @@ from qllm_samplers.pbit.token import OneHotNetwork, PBitSampler, centred_log_pro
 from qllm_samplers.rng import RowRNG
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny per-bit tensor ops: a second intra-op thread only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _logits(v: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(v, generator=g) * scale

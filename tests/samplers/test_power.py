@@ -21,15 +21,6 @@ from qllm_samplers.testing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: extra intra-op threads only add synchronisation cost on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("case, proposals", [
     ("no_eos", 1), ("eos", 1), ("no_eos", 2), ("eos", 2), pytest.param("eos", 4, marks=pytest.mark.slow),
 ])

@@ -29,15 +29,6 @@ from qllm_samplers.warpers import (
     top_p_threshold,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops; on a shared 2-core machine OpenMP's waits dominate them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 B, V = 6, 300
 
 

@@ -430,14 +430,16 @@ def decode_batch(sampler, model, prompt_ids: list[list[int]], *, pad_token_id: i
         out = generate(model, input_ids.to(device), sampler=sampler, max_new_tokens=max_new_tokens,
                        attention_mask=mask.to(device), eos_token_id=eos_ids or None, generator=seeds)
     batch = len(prompt_ids)
-    new = out.sequences[:, out.prompt_length:].cpu()
+    # one copy to the host per batch, not one read per row and statistic
+    new, lengths = out.new_tokens.cpu(), out.lengths.tolist()
+    log_p, forward_tokens = out.log_p.cpu(), out.forward_tokens.cpu()
+    stats = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in out.stats.items()}
     rows = []
     for row in range(batch):
-        length = int(out.lengths[row])
-        tokens = new[row, :length].tolist()
-        row_stats = {key: _row_value(value, row, batch) for key, value in out.stats.items()}
-        row_stats.setdefault("log_p", float(out.logprobs[row, :length].double().sum()))
-        row_stats["forward_tokens"] = _row_value(out.forward_tokens, row, batch)
+        tokens = new[row, :lengths[row]].tolist()
+        row_stats = {key: _row_value(value, row, batch) for key, value in stats.items()}
+        row_stats.setdefault("log_p", float(log_p[row]))
+        row_stats["forward_tokens"] = _row_value(forward_tokens, row, batch)
         rows.append({"tokens": tokens, "stopped": bool(tokens) and tokens[-1] in eos_ids,
                      "stats": {k: v for k, v in row_stats.items() if v is not None}})
     return rows

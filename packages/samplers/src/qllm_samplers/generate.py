@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .lm import check_decode_inputs, check_logits, forward_step
+from .lm import check_decode_inputs, check_logits, forward_step, length_mask
 from .rng import GeneratorLike, RowRNG
 
 
@@ -108,7 +108,7 @@ def _as_token_sampler(sampler) -> TokenSampler:
                      f"(generate(model, input_ids, max_new_tokens, ...)) or a warper callable, got {type(sampler)}")
 
 
-def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+def eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -118,7 +118,7 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
 def _repad(out: GenerateOutput, pad_token_id: int) -> GenerateOutput:
     """Put ``pad_token_id`` after each row's end (a sequence sampler pads with its own choice)."""
     new = out.new_tokens
-    after_end = torch.arange(new.shape[1], device=new.device)[None, :] >= out.lengths.to(new.device)[:, None]
+    after_end = ~length_mask(out.lengths.to(new.device), new.shape[1])  # lengths may live elsewhere
     out.sequences = torch.cat([out.sequences[:, :out.prompt_length], new.masked_fill(after_end, pad_token_id)], 1)
     return out
 
@@ -142,7 +142,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     token_sampler = _as_token_sampler(sampler)
-    eos = _eos_tensor(eos_token_id, device)
+    eos = eos_tensor(eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     rng = RowRNG.from_generator(generator, batch, device)
@@ -188,7 +188,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, *, sampler, max_ne
             token_sampler.end()
     used = int(lengths.max())
     stats = token_sampler.stats() if callable(getattr(token_sampler, "stats", None)) else {}
-    new_mask = (torch.arange(used, device=device)[None, :] < lengths[:, None]).to(attention_mask.dtype)
+    new_mask = length_mask(lengths, used).to(attention_mask.dtype)
     return GenerateOutput(
         sequences=torch.cat([input_ids, tokens[:, :used]], dim=1),
         attention_mask=torch.cat([attention_mask, new_mask], dim=1),

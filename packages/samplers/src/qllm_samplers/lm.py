@@ -17,6 +17,11 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] bool, True on each row's first ``lengths[b]`` positions (the real tokens of a continuation)."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def context_limit(model: torch.nn.Module) -> int | None:
     """The model's maximum context length, if its config says."""
     config = getattr(model, "config", None)

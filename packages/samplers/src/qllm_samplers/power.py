@@ -50,7 +50,7 @@ import torch
 
 from . import hf_compat
 from .generate import GenerateOutput
-from .lm import check_decode_inputs, check_logits, forward_step
+from .lm import check_decode_inputs, check_logits, forward_step, length_mask
 from .rng import GeneratorLike, RowRNG, splitmix64
 
 # float32 log-softmax can put a near-certain token's log p a hair above 0: slack per remaining token in the bound.
@@ -81,6 +81,16 @@ def check_positive_number(name: str, value, *, allow_none: bool = False, note: s
     return float(value)
 
 
+def check_fraction(name: str, value, *, allow_none: bool = False, note: str = "") -> float | None:
+    """``value`` as a float if it is a real number in (0, 1] (None allowed if ``allow_none``), else ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        extra = " (or None)" if allow_none else ""
+        raise ValueError(f"{name} must be a number in (0, 1]{extra}{note}, got {value!r}")
+    return float(value)
+
+
 def check_integer(name: str, value, minimum: int, *, allow_none: bool = False, note: str = "") -> int | None:
     """``value`` if it is an integer >= ``minimum`` (None allowed if ``allow_none``), else ValueError."""
     if value is None and allow_none:
@@ -105,10 +115,7 @@ def proposal_settings(alpha: float, proposal_temperature, proposal_warpers, prop
     if proposal_top_k is not None:
         warpers.append(TopK(check_integer("proposal_top_k", proposal_top_k, 1, allow_none=True)))
     if proposal_top_p is not None:
-        if isinstance(proposal_top_p, bool) or not isinstance(proposal_top_p, (int, float)) or not (
-                0 < proposal_top_p <= 1):
-            raise ValueError(f"proposal_top_p must be a number in (0, 1] (or None), got {proposal_top_p!r}")
-        warpers.append(TopP(float(proposal_top_p)))
+        warpers.append(TopP(check_fraction("proposal_top_p", proposal_top_p, allow_none=True)))
     return (1.0 / alpha if temperature is None else temperature), warpers
 
 
@@ -701,10 +708,10 @@ class _Run:
             new[b, :len(c.tokens)] = torch.tensor(c.tokens, dtype=torch.long)
             logprobs[b, :len(c.tokens)] = torch.tensor(c.logp, dtype=torch.float32)
 
-        def per_row(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype)
+        def per_row(values, dtype=torch.long):  # on the device of the sequences, like every output tensor
+            return torch.tensor(values, dtype=dtype, device=self.device)
 
-        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        valid = length_mask(per_row(lengths), width)
         return GenerateOutput(
             sequences=torch.cat([self.input_ids[::self.lanes], new.to(self.device)], dim=1),
             attention_mask=torch.cat([self.prompt_mask[::self.lanes].long(), valid.long()], dim=1).to(self.device),

@@ -126,10 +126,12 @@ class AttentionMetrics:
     interaction_strength: torch.Tensor | None
 
 
-def attention_metrics(probs: torch.Tensor, valid: torch.Tensor, raw_scores: torch.Tensor | None = None
-                      ) -> AttentionMetrics:
-    """``AttentionMetrics`` of attention weights ``probs`` [B, H, S] over valid keys ``valid`` [B, S]."""
-    head_bits, _ = attention_entropy(probs, valid)
+def attention_metrics(probs: torch.Tensor, valid: torch.Tensor, raw_scores: torch.Tensor | None = None,
+                      head_bits: torch.Tensor | None = None) -> AttentionMetrics:
+    """``AttentionMetrics`` of attention weights ``probs`` [B, H, S] over valid keys ``valid`` [B, S]
+    (``head_bits``: their per-head entropy, when the caller has it already)."""
+    if head_bits is None:
+        head_bits, _ = attention_entropy(probs, valid)
     probs = probs.float() * valid[:, None, :]
     keys = valid.sum(dim=-1).clamp(min=1).float()
     agreement = (probs - probs.mean(dim=1, keepdim=True)).abs().sum(dim=-1).mean(dim=-1) / keys
@@ -282,7 +284,7 @@ class AttentionProbe:
     def read_metrics(self, batch_size: int) -> AttentionMetrics:
         """entropix's attention metrics of the newest position after the latest recorded forward pass."""
         self.read(batch_size)
-        return attention_metrics(*self._last)
+        return attention_metrics(*self._last, head_bits=self.head_entropy)  # read() computed the entropy
 
     def read(self, batch_size: int) -> torch.Tensor:
         """Normalised attention entropy [B] of the newest position after the latest recorded forward pass."""

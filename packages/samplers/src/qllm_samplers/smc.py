@@ -34,9 +34,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .generate import GenerateOutput, _eos_tensor
-from .lm import check_decode_inputs, check_logits, forward_step
+from .generate import GenerateOutput, eos_tensor
+from .lm import check_decode_inputs, check_logits, forward_step, length_mask
 from .power import (
+    check_fraction,
     check_integer,
     check_positive_number,
     lane_rng,
@@ -101,15 +102,12 @@ class PowerSMC:
                  proposal_top_p: float | None = None, return_particles: bool = False, pad_token_id: int | None = None):
         self.alpha = check_positive_number("alpha", alpha)
         self.particles = check_integer("particles", particles, 1)
-        if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float)) or not (
-                0 < ess_threshold <= 1):
-            raise ValueError(f"ess_threshold must be a number in (0, 1] (resample when ESS/particles falls under "
-                             f"it), got {ess_threshold!r}")
-        self.ess_threshold = float(ess_threshold)
-        self.fixed_temperature = check_positive_number("proposal_temperature", proposal_temperature, allow_none=True,
-                                                       note=" (None: 1/alpha)")
-        self.proposal_temperature, self.proposal_warpers = proposal_settings(
+        self.ess_threshold = check_fraction("ess_threshold", ess_threshold,
+                                            note=" (resample when ESS/particles falls under it)")
+        temperature, self.proposal_warpers = proposal_settings(
             self.alpha, proposal_temperature, proposal_warpers, proposal_top_k, proposal_top_p)
+        # None: the proposal follows the (bridged) exponent, 1/exponent at each step
+        self.fixed_temperature = None if proposal_temperature is None else temperature
         self.bridge = _bridge_schedule(bridge, self.alpha)
         if not isinstance(return_particles, bool):
             raise ValueError(f"return_particles must be True or False, got {return_particles!r}")
@@ -137,7 +135,7 @@ class PowerSMC:
         attention_mask = check_decode_inputs(model, input_ids, attention_mask, max_new_tokens)
         batch, prompt_length = input_ids.shape
         device, count, alpha = input_ids.device, self.particles, self.alpha
-        eos = _eos_tensor(eos_token_id, device)
+        eos = eos_tensor(eos_token_id, device)
         pad = self.pad_token_id if self.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
         rng = RowRNG.from_generator(generator, batch, device)
         final_rng = RowRNG(rng.seeds, rng.counter)  # its own stream: the final draw ignores how long others ran
@@ -203,7 +201,8 @@ class PowerSMC:
             has_active = (~finished).view(batch, count).any(dim=1)
             resample = has_active & (ess < self.ess_threshold * count)
             ancestors = torch.arange(slots, device=device)
-            if bool(resample.any()):
+            resampled = bool(resample.any())
+            if resampled:
                 rows = resample.nonzero().squeeze(1)
                 picked = systematic_resample(weights[rows], uniforms[rows]) + (rows * count)[:, None]
                 ancestors.view(batch, count)[rows] = picked
@@ -219,20 +218,20 @@ class PowerSMC:
             position[active] = torch.arange(active.numel(), device=device)
             keep = (~finished).nonzero().squeeze(1)
             source = position[ancestors[keep]]
-            if source.numel() != active.numel() or not bool((source == torch.arange(active.numel(),
-                                                                                        device=device)).all()):
+            # Without resampling, ancestors are the identity and the source is too unless a particle ended.
+            if resampled or source.numel() != active.numel():
                 cache.reorder_cache(source)
             active = keep
             mask = torch.cat([prompt_mask[active], torch.ones((active.numel(), step + 1), dtype=prompt_mask.dtype,
                                                               device=device)], dim=1)
             logits, cache = forward_step(model, tokens[active, step:step + 1], mask, cache)
             calls += 1
-            forward_tokens += torch.bincount(row_of[active], minlength=batch)
+            forward_tokens += (~finished).view(batch, count).sum(dim=1)  # the active slots, counted per row
             scores = logits[:, -1]
 
         final = final_rng.categorical(log_w.view(batch, count)) + torch.arange(batch, device=device) * count
         used = int(lengths[final].max())
-        new_mask = (torch.arange(used, device=device)[None, :] < lengths[final][:, None]).to(attention_mask.dtype)
+        new_mask = length_mask(lengths[final], used).to(attention_mask.dtype)
         stats = {
             "log_p": log_p[final],  # [B] of the draw
             "log_q": log_q[final],

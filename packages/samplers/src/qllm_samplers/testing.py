@@ -177,11 +177,11 @@ def continuation_counts(out, continuations) -> torch.Tensor:
 @torch.no_grad()
 def rescored_log_prob(model, out, temperature: float = 1.0) -> torch.Tensor:
     """[B] log p (or log q at a temperature) of each row's continuation in ``out``, by one teacher-forced pass."""
-    from .lm import forward_step
+    from .lm import forward_step, length_mask
 
     logits, _ = forward_step(model, out.sequences, out.attention_mask)
     logprobs = torch.log_softmax(logits.double() / temperature, dim=-1)[:, out.prompt_length - 1:-1]
     new = out.new_tokens
     picked = logprobs.gather(2, new[:, :, None]).squeeze(2)
-    valid = torch.arange(new.shape[1], device=new.device)[None, :] < out.lengths.to(new.device)[:, None]
+    valid = length_mask(out.lengths, new.shape[1])
     return (picked * valid).sum(1)

@@ -104,9 +104,6 @@ def validate_parameter(value: ParamLike, name: str, *, low: float, high: float =
     return tensor.to(torch.int64) if integer else tensor
 
 
-_param = validate_parameter
-
-
 def _min_tokens(min_tokens_to_keep: int) -> int:
     if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
         raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
@@ -410,8 +407,8 @@ def top_p_fast(scores: torch.Tensor, top_p: torch.Tensor, min_tokens_to_keep: in
     k = max(candidates, min_tokens_to_keep + 1)
     # Flat rows: when even k tokens at the row's largest probability cannot reach the nucleus mass, the candidate
     # search must fail; skip it when that holds for every row (only the speed depends on this test).
-    reachable = (k * (scores.amax(dim=-1) - scores.logsumexp(dim=-1)).exp() >= (1 - threshold) * (1 - 1e-3)).any()
-    if 2 * k < vocab and bool(reachable):
+    if 2 * k < vocab and bool((k * (scores.amax(dim=-1) - scores.logsumexp(dim=-1)).exp()
+                               >= (1 - threshold) * (1 - 1e-3)).any()):
         values, ids = canonical_topk(scores, k)
         check_scores(scores, values[:, 0])
         probs, tail = candidate_probs(scores, ids)
@@ -486,7 +483,7 @@ class Temperature:
     reads_input_ids = False
 
     def __init__(self, temperature: ParamLike):
-        self.temperature = _param(temperature, "temperature", **PARAMETER_RANGES["temperature"])
+        self.temperature = validate_parameter(temperature, "temperature", **PARAMETER_RANGES["temperature"])
         self.any_greedy = bool((torch.as_tensor(self.temperature) == 0).any())
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
@@ -505,7 +502,7 @@ class TopK:
     reads_input_ids = False
 
     def __init__(self, top_k: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.top_k = _param(top_k, "top_k", **PARAMETER_RANGES["top_k"])
+        self.top_k = validate_parameter(top_k, "top_k", **PARAMETER_RANGES["top_k"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
         k = torch.as_tensor(self.top_k).clamp(min=self.min_tokens_to_keep)
@@ -531,7 +528,7 @@ class TopP:
 
     def __init__(self, top_p: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1, *,
                  candidates: int = 512):
-        self.top_p = _param(top_p, "top_p", **PARAMETER_RANGES["top_p"])
+        self.top_p = validate_parameter(top_p, "top_p", **PARAMETER_RANGES["top_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -552,7 +549,7 @@ class MinP:
     reads_input_ids = False
 
     def __init__(self, min_p: ParamLike, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.min_p = _param(min_p, "min_p", **PARAMETER_RANGES["min_p"])
+        self.min_p = validate_parameter(min_p, "min_p", **PARAMETER_RANGES["min_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
 
@@ -570,7 +567,7 @@ class Typical:
     reads_input_ids = False
 
     def __init__(self, mass: ParamLike = 0.9, filter_value: float = -math.inf, min_tokens_to_keep: int = 1):
-        self.mass = _param(mass, "mass", **PARAMETER_RANGES["typical_p"])
+        self.mass = validate_parameter(mass, "mass", **PARAMETER_RANGES["typical_p"])
         self.min_tokens_to_keep = _min_tokens(min_tokens_to_keep)
         self.filter_value = filter_value
 
@@ -591,7 +588,7 @@ class RepetitionPenalty:
     reads_input_ids = True
 
     def __init__(self, penalty: ParamLike, window: int | None = None):
-        self.penalty = _param(penalty, "penalty", **PARAMETER_RANGES["repetition_penalty"])
+        self.penalty = validate_parameter(penalty, "penalty", **PARAMETER_RANGES["repetition_penalty"])
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
         self.window = window
