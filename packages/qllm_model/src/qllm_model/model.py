@@ -18,6 +18,7 @@ from torch import nn
 
 from qllm_samplers.lm import positions_from_mask
 
+from .attention import attention_over_memory, memory_attention, with_memory
 from .config import QLLMConfig
 from .lora import LoRALinear, merge_lora
 
@@ -107,8 +108,8 @@ class PhaseRotator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         phi = self.angles().to(x.dtype)
-        if self.mode == "gain":
-            return x * torch.cos(phi) - x * torch.sin(phi)
+        if self.mode == "gain":  # x cos(phi) - x sin(phi), as one multiply by the per-channel gain
+            return x * (torch.cos(phi) - torch.sin(phi))
         real, imag = x.chunk(2, dim=-1)
         cos, sin = torch.cos(phi), torch.sin(phi)
         return torch.cat([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
@@ -136,7 +137,7 @@ class CausalSelfAttention(nn.Module):
     is computed explicitly; the main path stays on SDPA.
 
     Two entry points: ``forward`` (tokens [B, T, C] against the cache and an optional explicit mask: decoding and
-    left-padded prompts) and ``forward_rows`` (memory and tokens as one row matrix, the training path: see
+    left-padded prompts) and ``forward_with_memory`` (the memory stream beside the tokens, the training path: see
     ``QLLM._forward_with_memory``).
     """
 
@@ -168,34 +169,38 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_rows(self, rows: torch.Tensor, batch: int, n_memory: int, cache: QLLMCache | None,
-                     layer: int) -> torch.Tensor:
-        """``rows`` [M + B*T, C]: the M memory tokens, then every row's T tokens. Returns the block's attention
-        output in the same layout.
+    def forward_with_memory(self, memory: torch.Tensor, x: torch.Tensor, cache: QLLMCache | None,
+                            layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training (and unpadded prefill) path: ``memory`` [M, C] once for the whole batch, tokens ``x``
+        [B, T, C]. Memory query j sees memory keys 0..j; token i sees every memory key and tokens 0..i.
 
-        The projections run once over all rows (one matmul, not a batch-1 one for the memory and another for the
-        tokens). The memory keys/values are broadcast to every row and each row attends over [memory | tokens]
-        with the memory queries in front, so one causal SDPA call (its fast path) computes exactly the pattern:
-        memory query j sees memory 0..j; token i sees all memory and tokens 0..i. The memory outputs of row 0 are
-        kept (every row computes the same ones).
+        The memory tokens see no input, so their queries, keys and values are the same in every row and are
+        computed once; the tokens' attention over [memory | tokens] is ``memory_attention`` (exact; on CPU the plain
+        model's causal kernel plus one small kernel over the M memory keys, merged by log-sum-exp). Returns the
+        attention outputs (memory [M, C], tokens [B, T, C]).
         """
-        C, H, Dh, M = rows.shape[1], self.n_heads, self.head_dim, n_memory
-        T = (rows.shape[0] - M) // batch
+        B, T, C = x.shape
+        M = memory.shape[0]
+        dropout = self.dropout if self.training else 0.0
+        memory_q, memory_k, memory_v = self._heads(self.c_attn(memory)[None])  # [1, H, M, Dh]
+        q, k, v = self._heads(self.c_attn(x))
+        y_memory = F.scaled_dot_product_attention(memory_q, memory_k, memory_v, is_causal=True, dropout_p=dropout)
+        if cache is None and not self.capture_last_query_probs:
+            y = memory_attention(q, k, v, memory_k[0], memory_v[0], dropout)
+        else:  # inference: the cache and the attention probe need the keys as one [memory | tokens] tensor
+            k, v = with_memory(memory_k[0], k), with_memory(memory_v[0], v)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            y = attention_over_memory(q, k, v, dropout)
+            if self.capture_last_query_probs:
+                self.last_query_probs = self._last_query_probs(q, k, None)
+        y_memory = self.resid_dropout(self.c_proj(y_memory[0].transpose(0, 1).reshape(M, C)))
+        return y_memory, self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [M + B*T, C] -> [B, H, M + T, Dh]
-            memory = t[:M].view(1, M, H, Dh).transpose(1, 2).expand(batch, -1, -1, -1)
-            return torch.cat([memory, t[M:].view(batch, T, H, Dh).transpose(1, 2)], dim=2)
-
-        q, k, v = (heads(t) for t in self.c_attn(rows).split(C, dim=1))
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        if self.capture_last_query_probs:
-            self.last_query_probs = self._last_query_probs(q, k, None)
-        y_memory = y[0, :, :M].transpose(0, 1).reshape(M, C)
-        y_tokens = y[:, :, M:].transpose(1, 2).reshape(batch * T, C)
-        return self.resid_dropout(self.c_proj(torch.cat([y_memory, y_tokens])))
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, 3C] -> q, k, v as [B, H, T, Dh] views (split, whose backward is one cat into [B, T, 3C])."""
+        B, T, C3 = qkv.shape
+        return tuple(t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
 
     @torch.no_grad()
     def _last_query_probs(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -231,11 +236,13 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_rows(self, rows: torch.Tensor, batch: int, n_memory: int, cache: QLLMCache | None,
-                     layer: int) -> torch.Tensor:
-        """The same block on [memory rows; token rows] (see ``CausalSelfAttention.forward_rows``)."""
-        rows = rows + self.attn.forward_rows(self.ln_1(rows), batch, n_memory, cache, layer)
-        return rows + self.mlp(self.ln_2(rows))
+    def forward_with_memory(self, memory: torch.Tensor, x: torch.Tensor, cache: QLLMCache | None,
+                            layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same block on the memory stream [M, C] and the token stream [B, T, C]
+        (see ``CausalSelfAttention.forward_with_memory``)."""
+        attn_memory, attn_x = self.attn.forward_with_memory(self.ln_1(memory), self.ln_1(x), cache, layer)
+        memory, x = memory + attn_memory, x + attn_x
+        return memory + self.mlp(self.ln_2(memory)), x + self.mlp(self.ln_2(x))
 
 
 class QLLM(nn.Module):
@@ -374,13 +381,12 @@ class QLLM(nn.Module):
         return QLLMOutput(logits=logits, past_key_values=cache if use_cache else None)
 
     def _forward_with_memory(self, x: torch.Tensor, cache: QLLMCache | None) -> torch.Tensor:
-        """Training (and unpadded prefill) path: memory tokens and the batch's tokens go through every block as
-        one row matrix [M + B*T, C], so each linear layer is one matmul and attention stays on SDPA's causal fast
-        path (no explicit mask). Same function as the memory prefill + explicit mask path, up to float rounding
-        (tested against a transcription of the original)."""
-        B, T, C = x.shape
-        M = self.config.n_global_tokens
-        rows = torch.cat([self.drop(self.global_tokens.to(x.dtype)), x.reshape(B * T, C)])
+        """Training (and unpadded prefill) path: the memory tokens go through every block once, as their own
+        [M, C] stream beside the batch's tokens (they see no input, so every row's would be the same), and the
+        tokens attend over them with ``memory_attention``: no mask, no per-row copies of the memory. Same function
+        as the memory prefill + explicit mask path, up to float rounding (tested against a transcription of the
+        original)."""
+        memory = self.drop(self.global_tokens.to(x.dtype))
         for layer, block in enumerate(self.blocks):
-            rows = block.forward_rows(rows, B, M, cache, layer)
-        return rows[M:].view(B, T, C)
+            memory, x = block.forward_with_memory(memory, x, cache, layer)
+        return x
