@@ -10,6 +10,7 @@ pays for. The ratio reported is the median of per-round ratios (adjacent rounds 
 
     .venv/bin/python scripts/bench_qllm.py --threads 2                  # the tiny config's shape, CPU
     .venv/bin/python scripts/bench_qllm.py --quick                      # a few seconds: checks the script runs
+    .venv/bin/python scripts/bench_qllm.py --threads 2 --breakdown      # + rotator-only and memory-only rows
     .venv/bin/python scripts/bench_qllm.py --d_model 768 --n_layers 12 --n_heads 12 --seq_len 256 --batch_size 16
 """
 
@@ -51,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: cpu, gpu or auto")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding tinyshakespeare/input.txt")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time QLLM with only the rotator and with only the memory tokens (where the cost is)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 rounds of 2 steps: checks that the script runs (numbers meaningless)")
     parser.add_argument("--out", default="bench_results/bench_qllm.json", help="where to write the JSON result")
@@ -116,6 +119,10 @@ def main() -> None:
         "qllm": QLLMConfig(**shape, n_global_tokens=args.n_global_tokens, phase_mode=args.phase_mode),
         "plain": QLLMConfig(**shape, n_global_tokens=0, phase_mode="off", coherence_weight=0.0),
     }
+    if args.breakdown:
+        variants["rotator"] = QLLMConfig(**shape, n_global_tokens=0, phase_mode=args.phase_mode)
+        variants["memory"] = QLLMConfig(**shape, n_global_tokens=args.n_global_tokens, phase_mode="off",
+                                        coherence_weight=0.0)
     modules = {}
     for name, config in variants.items():
         torch.manual_seed(0)
@@ -131,8 +138,10 @@ def main() -> None:
                                  "tokens_per_cpu_s": tokens_per_round / timer.cpu})
         print(f"round {index + 1}/{args.rounds}: " + ", ".join(
             f"{name} {rounds[name][-1]['tokens_per_s']:,.0f} tokens/s" for name in modules), flush=True)
-    ratios = [q["tokens_per_s"] / p["tokens_per_s"] for q, p in zip(rounds["qllm"], rounds["plain"])]
-    cpu_ratios = [q["tokens_per_cpu_s"] / p["tokens_per_cpu_s"] for q, p in zip(rounds["qllm"], rounds["plain"])]
+    def per_round_ratios(name: str, key: str) -> list[float]:
+        return [r[key] / p[key] for r, p in zip(rounds[name], rounds["plain"])]
+
+    ratios, cpu_ratios = per_round_ratios("qllm", "tokens_per_s"), per_round_ratios("qllm", "tokens_per_cpu_s")
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in rounds[name])
@@ -146,14 +155,16 @@ def main() -> None:
         "ratio_qllm_over_plain_median": statistics.median(ratios),
         "ratio_rounds": ratios,
         "cpu_ratio_qllm_over_plain_median": statistics.median(cpu_ratios),
+        "ratio_over_plain_median": {name: statistics.median(per_round_ratios(name, "tokens_per_s"))
+                                    for name in modules},
         "target_ratio": 0.95,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "lightning": L.__version__,
         "platform": platform.platform(),
     }
-    print(f"\n{'model':<8}{'params':>12}{'tokens/s (median)':>20}{'tokens/CPU-s':>16}")
+    print(f"\n{'model':<8}{'params':>12}{'tokens/s (median)':>20}{'tokens/CPU-s':>16}{'vs plain':>10}")
     for name in modules:
         print(f"{name:<8}{result['params'][name]:>12,}{result['tokens_per_s_median'][name]:>20,.0f}"
-              f"{result['tokens_per_cpu_s_median'][name]:>16,.0f}")
+              f"{result['tokens_per_cpu_s_median'][name]:>16,.0f}{result['ratio_over_plain_median'][name]:>10.3f}")
     print(f"ratio qllm/plain, wall (median of per-round ratios): {result['ratio_qllm_over_plain_median']:.3f}, "
           f"CPU time: {result['cpu_ratio_qllm_over_plain_median']:.3f} (target >= 0.95; rounds: "
           f"{', '.join(f'{r:.2f}' for r in ratios)})")
