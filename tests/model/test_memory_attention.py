@@ -89,3 +89,11 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(qllm_model.attention)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_double_backward_is_refused_not_wrong():
+    inputs = [t.detach().requires_grad_() for t in projected_inputs(1, 2, 4, 4, 2, torch.float64, seed=9)]
+    out = memory_attention(*inputs)
+    (grad_q,) = torch.autograd.grad(out.sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_q.sum().backward()

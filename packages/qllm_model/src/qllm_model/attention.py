@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.attention.bias import causal_lower_right
 
 # Private ATen ops behind F.scaled_dot_product_attention on CPU (stable since torch 2.2): the public function
@@ -48,6 +49,7 @@ class _SplitSoftmaxAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the flash backward has no derivative of its own: a double backward raises
     def backward(ctx, grad_out):
         q, k, v, memory_k, memory_v, out, lse = ctx.saved_tensors
         # Given the merged lse and output, each kernel recomputes the merged softmax's probabilities on its own
