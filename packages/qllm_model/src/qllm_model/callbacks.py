@@ -154,9 +154,9 @@ class ProgressLog(Callback):
         self._mark_step, self._tokens = trainer.global_step, 0
         params = sum(p.numel() for p in pl_module.parameters())
         budget = f"{trainer.max_steps} steps" if trainer.max_steps > 0 else "no step limit"
-        timer = training_timer(trainer)
-        if timer is not None and timer.time_remaining("train") is not None:
-            budget += f", {_clock(timer.time_remaining('train'))} of training time left"
+        time_left = training_time_left(trainer)
+        if time_left is not None:
+            budget += f", {_clock(time_left)} of training time left"
         resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
         self._print(trainer, f"training {params:,} parameters on {trainer.world_size} process(es): {budget}{resumed}")
 
@@ -170,9 +170,9 @@ class ProgressLog(Callback):
         interval, steps = now - self._mark, step - self._mark_step
         rate = self._tokens / interval if interval > 0 else float("nan")
         eta = (trainer.max_steps - step) * interval / steps if trainer.max_steps > 0 and steps else float("inf")
-        timer = training_timer(trainer)
-        if timer is not None and timer.time_remaining("train") is not None:
-            eta = min(eta, timer.time_remaining("train"))
+        time_left = training_time_left(trainer)
+        if time_left is not None:
+            eta = min(eta, time_left)
         metrics = trainer.callback_metrics
         train = f"{float(metrics['train/bpb']):.3f}" if "train/bpb" in metrics else "?"
         val = f"{self._last_val:.4f}" if self._last_val is not None else "-"
@@ -194,4 +194,10 @@ def training_timer(trainer: L.Trainer) -> Timer | None:
     return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
 
 
-__all__ = ["BestCheckpoint", "ProgressLog", "ResumeCheckpoint", "training_timer"]
+def training_time_left(trainer: L.Trainer) -> float | None:
+    """Seconds of ``--trainer.max_time`` left (negative past it), or None without a time budget."""
+    timer = training_timer(trainer)
+    return None if timer is None else timer.time_remaining("train")
+
+
+__all__ = ["BestCheckpoint", "ProgressLog", "ResumeCheckpoint", "training_time_left", "training_timer"]

@@ -176,10 +176,11 @@ class QLLMLitModule(L.LightningModule):
         """Share of ``--trainer.max_time`` used so far, in [0, 1] (0 without a time budget); resumes included,
         since Lightning's Timer keeps its elapsed time in the checkpoint."""
         timer = training_timer(self.trainer)
-        if timer is None or timer.time_remaining("train") is None:
+        remaining = None if timer is None else timer.time_remaining("train")
+        if remaining is None:
             return 0.0
         elapsed = timer.time_elapsed("train")
-        duration = elapsed + timer.time_remaining("train")  # the Timer's budget (remaining goes negative past it)
+        duration = elapsed + remaining  # the Timer's budget (remaining goes negative past it)
         return min(1.0, elapsed / duration) if duration > 0 else 1.0
 
     def configure_optimizers(self):

@@ -256,7 +256,8 @@ class AlphaSampler:
 
     def select(self, scores: torch.Tensor, state, rng: RowRNG) -> torch.Tensor:
         batch = scores.shape[0]
-        check_input_ids(state.input_ids, batch, "AlphaSampler's repetition penalty")
+        # shape only here: the draw below (sample_rows, penalty on) checks the id values once
+        check_input_ids(state.input_ids, batch, "AlphaSampler's repetition penalty", values=False)
         if self._history.shape[0] != batch:
             if self.tokens:
                 raise ValueError(f"scores have {batch} rows but this run started with {self._history.shape[0]}")

@@ -288,7 +288,7 @@ class EntropixSampler:
         tokens = torch.where(code == Quadrant.ARGMAX, argmax, tokens)
         active = ~state.finished.to(code.device)
         if self.config.clarifying_token_id is not None:
-            check_input_ids(state.input_ids, batch, "EntropixConfig.clarifying_token_id")
+            check_input_ids(state.input_ids, batch, "EntropixConfig.clarifying_token_id", values=False)
             clarify = (code == Quadrant.CLARIFY) & (state.input_ids[:, -1] != self.config.clarifying_token_id)
             tokens = torch.where(clarify, self.config.clarifying_token_id, tokens)
             self._clarifications = self._clarifications.to(code.device) + (clarify & active).sum()

@@ -152,8 +152,10 @@ def check_scaled(scaled: torch.Tensor, raw: torch.Tensor, cause: str, row_max: t
                      f"for which |logit| / {cause} stays below {float(torch.finfo(scaled.dtype).max):.4g}")
 
 
-def check_input_ids(input_ids: torch.Tensor | None, batch: int, needed_by: str) -> None:
-    """ValueError unless ``input_ids`` are integer token ids >= 0 with one row per row of scores."""
+def check_input_ids(input_ids: torch.Tensor | None, batch: int, needed_by: str, *, values: bool = True) -> None:
+    """ValueError unless ``input_ids`` are integer token ids >= 0 with one row per row of scores.
+    ``values=False`` checks only the shape and dtype (no host sync), for callers whose ids reach a full check
+    later in the same step."""
     if input_ids is None:
         raise ValueError(f"input_ids: {needed_by} needs the tokens so far, got None")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
@@ -164,7 +166,7 @@ def check_input_ids(input_ids: torch.Tensor | None, batch: int, needed_by: str) 
     if input_ids.shape[0] != batch:
         raise ValueError(f"input_ids has {input_ids.shape[0]} rows but scores has {batch}; allowed: one row of "
                          "token ids per row of scores")
-    if input_ids.numel() and bool((input_ids < 0).any()):
+    if values and input_ids.numel() and bool((input_ids < 0).any()):
         raise ValueError(f"input_ids must be token ids >= 0, got {int(input_ids.min())}")
 
 
